@@ -93,9 +93,11 @@ def torch_rows(logits: torch.Tensor, inputs: TokenInputs, config: LossConfig, *,
     return RowsResult(logp, entropy, loss, dlogits)
 
 
-def default_chunk_rows(vocab: int, num_rows: int, budget_elements: int = 1 << 23) -> int:
-    """Rows per chunk: enough that the matmul stays efficient, few enough that [rows x V] stays small."""
-    rows = max(16, budget_elements // max(vocab, 1))
+def default_chunk_rows(vocab: int, num_rows: int, budget_elements: int = 1 << 21, min_rows: int = 32) -> int:
+    """Rows per chunk: a power of two with rows x V near the element budget (two fp32 buffers of that
+    size are live per chunk), but at least `min_rows`, below which re-reading the weight for every
+    chunk's three matmuls costs more time than the memory saved."""
+    rows = max(min_rows, budget_elements // max(vocab, 1))
     return max(1, min(num_rows, 1 << (rows.bit_length() - 1)))
 
 
@@ -123,6 +125,7 @@ def _forward_passes(num_rows: int, chunk: int, make_logits: Callable[[slice], to
             keep(rows, result)
             loss += result.loss
             consume(rows, result.dlogits)
+            del result  # free this chunk's dlogits before the next chunk's logits exist
         return loss, logp, entropy
 
     for rows in chunks:
@@ -165,7 +168,9 @@ class _LinearLoss(torch.autograd.Function):
                 grad_b.add_(dlogits.sum(0))
 
         loss, logp, entropy = _forward_passes(n, chunk, make_logits, picked, config, rows_fn, any(needs), consume)
-        ctx.save_for_backward(valid, grad_h, grad_w, grad_b)
+        # Plain attributes, not save_for_backward: backward scales them in place (no second copy of
+        # dweight), so it must run once; `_take` enforces that.
+        ctx.grads = (valid, grad_h, grad_w, grad_b)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         out_logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_copy_(0, valid, logp)
         out_entropy = None if entropy is None else torch.zeros_like(out_logp).index_copy_(0, valid, entropy)
@@ -174,16 +179,16 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        valid, grad_h, grad_w, grad_b = ctx.saved_tensors
+        valid, grad_h, grad_w, grad_b = _take(ctx)
         hidden_shape, hidden_dtype, weight_dtype, bias_dtype = ctx.shapes
         dh = dw = db = None
         if grad_h is not None:
             dh = torch.zeros(hidden_shape, dtype=hidden_dtype, device=grad_h.device)
-            dh.index_copy_(0, valid, (grad_h * grad_loss).to(hidden_dtype))
+            dh.index_copy_(0, valid, grad_h.mul_(grad_loss).to(hidden_dtype))
         if grad_w is not None:
-            dw = (grad_w * grad_loss).to(weight_dtype)
+            dw = grad_w.mul_(grad_loss).to(weight_dtype)
         if grad_b is not None:
-            db = (grad_b * grad_loss).to(bias_dtype)
+            db = grad_b.mul_(grad_loss).to(bias_dtype)
         return dh, dw, db, None, None, None, None
 
 
@@ -211,7 +216,7 @@ class _LogitsLoss(torch.autograd.Function):
             grad_logits.index_copy_(0, valid[rows], dlogits.to(grad_logits.dtype))
 
         loss, logp, entropy = _forward_passes(n, chunk, make_logits, picked, config, rows_fn, wants_grad, consume)
-        ctx.save_for_backward(grad_logits)
+        ctx.grads = (grad_logits,)
         out_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device).index_copy_(0, valid, logp)
         out_entropy = None if entropy is None else torch.zeros_like(out_logp).index_copy_(0, valid, entropy)
         ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy) if t is not None])
@@ -219,8 +224,17 @@ class _LogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        (grad_logits,) = ctx.saved_tensors
-        return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None
+        (grad_logits,) = _take(ctx)
+        return grad_logits.mul_(grad_loss.to(grad_logits.dtype)), None, None, None, None
+
+
+def _take(ctx) -> tuple:
+    """The gradients computed in forward, handed out once (they are scaled in place)."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError("the fused policy loss holds its gradient once: backward through it twice "
+                           "(retain_graph=True) is not supported; recompute the loss instead")
+    return grads
 
 
 def linear_loss(hidden, weight, bias, inputs: TokenInputs, config: LossConfig, rows_fn: RowsFn = torch_rows,

@@ -267,7 +267,8 @@ def test_from_logits_matches_and_overwrites(impl):
     for name in (impl, "overwrite"):
         assert_match({k: outs[name][k] for k in ("loss", "logp", "d_logits")},
                      {k: outs["ref"][k] for k in ("loss", "logp", "d_logits")})
-    torch.testing.assert_close(outs["overwrite"]["overwritten"], outs["ref"]["d_logits"] / 3.0, **GRAD_TOL)
+    # the logits storage now holds the (scaled) gradient itself: no second [N x V] buffer existed
+    torch.testing.assert_close(outs["overwrite"]["overwritten"], outs["ref"]["d_logits"], **GRAD_TOL)
     torch.testing.assert_close(outs[impl]["overwritten"], logits)  # untouched without overwrite
 
 
@@ -338,3 +339,13 @@ def test_triton_without_gpu_or_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="impl='triton'"):
         _call(impl="triton")
+
+
+def test_second_backward_is_refused_not_silently_wrong():
+    batch = make_batch()
+    hidden = batch["hidden"].clone().requires_grad_()
+    side = {k: v for k, v in batch.items() if k not in ("hidden", "weight", "targets")}
+    loss = policy_loss(hidden, batch["weight"], batch["targets"], **side, impl="chunked").loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
