@@ -1,0 +1,672 @@
+"""The answer verifier: binary reward for a model response against a gold answer.
+
+What it does:
+- `extract_answer` pulls the final answer out of a response (order of attempts below).
+- `verify_answer` / `verify_batch` decide whether that answer equals the gold answer and return a
+  `Verdict` (reward 1.0 or 0.0, the extracted answer, a reason). Cheap cases are decided in the calling
+  process; everything else goes to math-verify (symbolic, numeric, sets, intervals, matrices, LaTeX)
+  running in a pool of worker subprocesses.
+- The time of every math-verify check is bounded by killing its worker: math-verify's own timeouts use
+  `signal.alarm`, which works only in the main thread, so they are switched off (`parsing_timeout=None`,
+  `timeout_seconds=None`) and a check that overruns its budget gets its worker SIGKILLed and respawned.
+  That is safe from any thread and also stops computations that never return to Python
+  (e.g. sympy expanding `9^{9^{9^9}}`). Workers are persistent because starting one (Python + sympy +
+  math-verify imports) costs ~0.5 s, against ~4 ms per check. Backstops: each worker has an
+  address-space cap (`memory_limit_mb`) and, per check, a CPU-time limit a little above the timeout,
+  so a check left running by a trainer that was killed hard still ends.
+
+What it does not do: it does not grade proofs or free-form text beyond exact text answers, does not
+look at how the response was produced (truncation, code use) and does not retry a check that timed out.
+
+Answer extraction, first rule that applies wins:
+1. `\\boxed{...}` / `\\fbox{...}` with balanced braces (escaped `\\{ \\}` do not count), or
+   `\\boxed X` without braces (X = the next run of non-space characters). The last box counts; boxes
+   directly before it that are separated from it only by spaces, `$`, commas, "and" or "or" are joined
+   to it with ", " (so "\\boxed{2} or \\boxed{3}" is the hedge "2, 3", not "3"). A box nested in a box
+   is unwrapped. If the last box is malformed (unbalanced, empty) there is no answer: no fallback is
+   tried, the response committed to a box and broke it.
+2. The last line "#### X" (GSM8K) whose X has no letters: "#### Step 2: ..." is a markdown heading.
+3. The last "answer is X" / "answer: X" (also "Final Answer", markdown bold), X = the first math span
+   (`$..$`, `\\(..\\)`, `\\[..\\]`) right after it, else the text up to the end of the sentence/line.
+4. The last plain number in the text (integer or decimal, optional sign, thousands commas), unless
+   `last_number=False`.
+
+Decision, for an extracted answer `pred` and gold `gold`:
+1. Text answers: if the gold is wrapped in `\\text{..}` (or `\\textbf`, `\\mathrm`, ...) and is only
+   letters once unwrapped (e.g. `\\text{(C)}`, `\\text{Evelyn}`), the answer is correct iff it is the
+   same letters, ignoring case, spaces, parentheses and the wrappers. math-verify would read
+   "Evelyn" as the product E*v*e*l*y*n and accept "Evenly".
+2. Equal strings after light normalisation (spaces, `\\left`/`\\right`, `\\dfrac`, `$`): correct.
+3. Both plain integers (thousands commas allowed): compared exactly, no worker needed.
+4. Otherwise math-verify in a worker, both sides wrapped in `\\boxed{}`; scientific notation such as
+   "1.5e3" is rewritten to `1.5\\times10^{3}` first (math-verify reads it as 1.5*e*3).
+
+Reasons: "correct", "wrong", "no_answer", "timeout", "parse_error: ...", "worker_error: ...",
+"internal_error: ...". Only "correct" has reward 1.0.
+
+Nothing about the response or the gold makes these functions raise; they raise `ValueError` only for
+invalid arguments (wrong types, non-positive timeouts, a closed pool), i.e. programming errors.
+The module-level `verify_answer` / `verify_batch` share one process-wide `VerifierPool`, created on
+first use and closed at exit; a trainer that wants to size or close its pool creates its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEFAULT_TIMEOUT = 5.0  # seconds per math-verify check; typical checks take ~5 ms
+STARTUP_TIMEOUT = 60.0  # a worker must import sympy + math-verify within this, even on a loaded machine
+MEMORY_LIMIT_MB = 4096  # address-space cap per worker: a runaway sympy power must not take the host down
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one check. `reward` is 1.0 iff `reason == "correct"`; `predicted` is the
+    extracted answer (None when there was none)."""
+
+    reward: float
+    predicted: str | None
+    reason: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BARE_BOX_ARG_RE = re.compile(r"[^\s$]+")
+_BOX_JOIN_RE = re.compile(r"[\s$,]*(?:(?:and|or)[\s$,]*)?")
+# GSM8K's "#### 18" line; a line with letters is a markdown heading ("#### Step 2: ..."), not an answer.
+_HASH_RE = re.compile(r"(?m)^[ \t]*####[ \t]*([^A-Za-z\n]*[^A-Za-z\s])[ \t]*$")
+_ANSWER_IS_RE = re.compile(r"(?i)\banswer\b\**\s*(?:is\b\s*:?|:)[\s*]*")
+_MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
+# A minus sign counts only where it cannot be a binary minus of a preceding word ("x-3" gives 3).
+_NUMBER_RE = re.compile(r"(?<![\w.])(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _closing_brace(text: str, open_at: int) -> int | None:
+    """Index of the `}` matching the `{` at `open_at`; None if unbalanced. `\\{`, `\\}` are literals."""
+    depth = 0
+    i = open_at
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """Every top-level box as (start, end, content); content None for a malformed box."""
+    out: list[tuple[int, int, str | None]] = []
+    pos = 0
+    while (m := _BOX_RE.search(text, pos)) is not None:
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = _closing_brace(text, j)
+            if close is None:
+                out.append((m.start(), len(text), None))
+                break
+            content = text[j + 1 : close].strip()
+            out.append((m.start(), close + 1, content or None))
+            pos = close + 1
+        elif j > m.end() and (tok := _BARE_BOX_ARG_RE.match(text, j)) is not None:
+            content = tok.group().rstrip(".,;")
+            out.append((m.start(), tok.end(), content or None))
+            pos = tok.end()
+        else:
+            out.append((m.start(), m.end(), None))
+            pos = m.end()
+    return out
+
+
+def _boxed_answer(text: str) -> tuple[bool, str | None]:
+    """(whether the text has a box, the answer from the last box and the boxes joined to it)."""
+    boxes = _boxes(text)
+    if not boxes:
+        return False, None
+    start, _, content = boxes[-1]
+    if content is None:
+        return True, None
+    parts = [content]
+    for prev_start, prev_end, prev_content in reversed(boxes[:-1]):
+        if prev_content is None or not _BOX_JOIN_RE.fullmatch(text[prev_end:start]):
+            break
+        parts.insert(0, prev_content)
+        start = prev_start
+    answer = ", ".join(dict.fromkeys(parts))  # "\boxed{5} \boxed{5}" is one answer, not the set {5, 5}
+    inner = _boxes(answer)
+    if len(inner) == 1 and inner[0][0] == 0 and inner[0][1] == len(answer):
+        return True, inner[0][2]  # "\boxed{\boxed{5}}"
+    return True, answer
+
+
+def _clean_tail(tail: str) -> str | None:
+    """The answer at the start of `tail`: a leading math span, else up to the end of the sentence."""
+    tail = tail.strip()
+    for opener, closer in _MATH_SPANS:
+        if tail.startswith(opener):
+            end = tail.find(closer, len(opener))
+            tail = tail[len(opener) : end if end >= 0 else len(tail)]
+            break
+    else:
+        end = _SENTENCE_END_RE.search(tail)
+        if end is not None:
+            tail = tail[: end.start()]
+    tail = tail.strip().strip("*").strip().rstrip(".,;:").strip()
+    return tail or None
+
+
+def extract_answer(text: str, *, last_number: bool = True) -> str | None:
+    """The final answer of a response, or None. See the module docstring for the order of rules."""
+    if not isinstance(text, str):
+        raise ValueError(f"extract_answer: text must be str, got {type(text).__name__}")
+    has_box, boxed = _boxed_answer(text)
+    if has_box:
+        return boxed
+    hashes = _HASH_RE.findall(text)
+    if hashes:
+        return _clean_tail(hashes[-1])
+    answer_is = list(_ANSWER_IS_RE.finditer(text))
+    if answer_is:
+        return _clean_tail(text[answer_is[-1].end() :])
+    if last_number:
+        numbers = _NUMBER_RE.findall(text)
+        if numbers:
+            return numbers[-1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Cheap decisions in the calling process
+
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}")
+_SPACING_RE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![A-Za-z])|\\[,!;: ]|~|\s+")
+_INTEGER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
+_SCIENTIFIC_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)\s*")
+
+
+def _unwrap_text(s: str) -> tuple[str, bool]:
+    """`s` with `\\text{..}`-like wrappers replaced by their content, and whether there were any."""
+    unwrapped, count = _TEXT_WRAPPER_RE.subn(r"\1", s)
+    while count:
+        unwrapped, count = _TEXT_WRAPPER_RE.subn(r"\1", unwrapped)
+    return unwrapped, unwrapped != s
+
+
+def _text_key(s: str) -> str:
+    return re.sub(r"[\s$()\\.]", "", _unwrap_text(s)[0]).lower()
+
+
+def _gold_text_key(gold: str) -> str | None:
+    """The comparison key of a text gold answer (`\\text{(C)}` -> "c"), None if the gold is math."""
+    _, wrapped = _unwrap_text(gold)
+    key = _text_key(gold)
+    return key if wrapped and re.fullmatch(r"[a-z,]+", key) else None
+
+
+def _normalize(s: str) -> str:
+    s = _SPACING_RE.sub("", s.replace("{,}", ","))
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+    return s.strip("$").removeprefix("\\$").rstrip(".")
+
+
+def _as_integer(s: str) -> str | None:
+    """The canonical digits of a plain integer ("-1,000" -> "-1000"), None for anything else.
+    Kept as a string: int() refuses more than 4300 digits."""
+    # Spaces are not removed here: "1, 234" is a set of two numbers, "1,234" a number.
+    s = s.strip().strip("$").removeprefix("\\$").replace("{,}", ",").replace("\\!", "").rstrip(".")
+    if not _INTEGER_RE.fullmatch(s):
+        return None
+    digits = s.lstrip("-").replace(",", "").lstrip("0") or "0"
+    return "-" + digits if s.startswith("-") and digits != "0" else digits
+
+
+def _to_latex(s: str) -> str:
+    m = _SCIENTIFIC_RE.fullmatch(s)
+    return f"{m.group(1)}\\times10^{{{m.group(2)}}}" if m else s
+
+
+def _quick_reason(pred: str, gold: str) -> str | None:
+    """"correct"/"wrong" when decidable without math-verify, else None."""
+    text_key = _gold_text_key(gold)
+    if text_key is not None:
+        return "correct" if _text_key(pred) == text_key else "wrong"
+    if _normalize(pred) == _normalize(gold):
+        return "correct"
+    pred_int, gold_int = _as_integer(pred), _as_integer(gold)
+    if pred_int is not None and gold_int is not None:
+        return "correct" if pred_int == gold_int else "wrong"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker subprocess (runs `_worker_main`)
+
+# The worker loads this file by path rather than importing `acim_fast`: that keeps the package
+# __init__ (and whatever it imports later) out of the worker and needs no install.
+_WORKER_BOOT = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('_acim_verify_worker', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules[spec.name] = module\n"
+    "spec.loader.exec_module(module)\n"
+    "module._worker_main(int(sys.argv[2]))\n"
+)
+
+
+def _math_verify_reason(pred: str, gold: str) -> str:
+    """Runs in the worker: math-verify's judgement with its signal-based timeouts off."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    gold_parsed = parse(f"\\boxed{{{_to_latex(gold)}}}", config, parsing_timeout=None)
+    if not gold_parsed:
+        return "parse_error: gold answer not parseable"
+    pred_parsed = parse(f"\\boxed{{{_to_latex(pred)}}}", config, parsing_timeout=None)
+    if not pred_parsed:
+        return "parse_error: answer not parseable"
+    if verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        return "correct"
+    # parse() falls back to the raw string when LaTeX conversion fails; then only string equality was tried.
+    if all(isinstance(g, str) for g in gold_parsed):
+        return "parse_error: gold answer not parseable"
+    if all(isinstance(p, str) for p in pred_parsed):
+        return "parse_error: answer not parseable"
+    return "wrong"
+
+
+def _worker_main(memory_limit_mb: int) -> None:
+    """Serve checks: one JSON request {"pred", "gold", "timeout"} per stdin line, one {"reason"} per
+    stdout line. Sends {"ready": true} once imports are done; exits when stdin closes."""
+    import logging
+    import resource
+    import warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; the parent kills us
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # a stray print() in a library must not corrupt the protocol
+    warnings.simplefilter("ignore")
+    # math-verify warns once that its timeouts are off (they are bounded here) and on each failed parse.
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _math_verify_reason("\\frac{1}{2}", "0.5")  # imports and warms the parser before the clock runs
+    _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    replies.write('{"ready": true}\n')
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            # The parent kills us at `timeout` seconds of wall time. If it cannot (it was killed itself,
+            # and a check stuck in C code never reads the closed stdin), the kernel ends the check a few
+            # CPU seconds later; CPU time never runs ahead of wall time, so this never fires first.
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_soft = int(usage.ru_utime + usage.ru_stime + request["timeout"]) + 2
+            if cpu_hard != resource.RLIM_INFINITY:
+                cpu_soft = min(cpu_soft, cpu_hard)
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_hard))
+            reason = _math_verify_reason(request["pred"], request["gold"])
+        except Exception as e:  # math-verify catches most errors itself; whatever escapes is a verdict
+            reason = f"parse_error: {type(e).__name__}: {e}"[:300]
+        replies.write(json.dumps({"reason": reason}) + "\n")
+
+
+class _Worker:
+    """One worker subprocess and the bytes it has sent that do not yet form a full line."""
+
+    def __init__(self, memory_limit_mb: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, os.path.abspath(__file__), str(memory_limit_mb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.started = time.monotonic()
+        self.ready = False
+        self._buffer = b""
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, pred: str, gold: str, timeout: float) -> bool:
+        """Send one check; False if the worker is gone."""
+        try:
+            self.proc.stdin.write(json.dumps({"pred": pred, "gold": gold, "timeout": timeout}).encode() + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def read(self) -> list[dict] | None:
+        """The complete messages now readable (call when select says readable); None at EOF."""
+        chunk = os.read(self.fileno(), 65536)
+        if not chunk:
+            return None
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # stdin of a killed process: flushing pending bytes fails
+                pass
+
+
+def _kill_all(workers: set[_Worker]) -> None:
+    for worker in list(workers):
+        worker.kill()
+    workers.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pool
+
+
+class VerifierPool:
+    """Persistent math-verify worker processes. Thread-safe: each call checks workers out, so
+    concurrent calls run side by side on different workers (or wait for one to come free)."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        memory_limit_mb: int = MEMORY_LIMIT_MB,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"VerifierPool: workers must be an int >= 1, got {workers!r}")
+        _check_timeout("timeout", timeout)
+        _check_timeout("startup_timeout", startup_timeout)
+        if not isinstance(memory_limit_mb, int) or memory_limit_mb < 0:
+            raise ValueError(f"VerifierPool: memory_limit_mb must be an int >= 0 (0 = no cap), got {memory_limit_mb!r}")
+        self.timeout = float(timeout)
+        self.startup_timeout = float(startup_timeout)
+        self._memory_limit_mb = memory_limit_mb
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers: set[_Worker] = set()  # every live worker, idle or checked out
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+        for _ in range(workers):
+            self._idle.put(self._spawn())
+
+    def __enter__(self) -> VerifierPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill every worker. Calls in flight end with "worker_error"; later calls raise ValueError."""
+        with self._lock:
+            self._closed = True
+        self._finalizer()
+
+    def verify(
+        self, response_text: str, gold: str, *, timeout: float | None = None, last_number: bool = True
+    ) -> Verdict:
+        """One check; see `verify_batch`."""
+        return self.verify_batch([(response_text, gold)], timeout=timeout, last_number=last_number)[0]
+
+    def verify_batch(
+        self,
+        items: Iterable[tuple[str, str]],
+        *,
+        timeout: float | None = None,
+        last_number: bool = True,
+    ) -> list[Verdict]:
+        """Verdicts for (response_text, gold) pairs, in order. Checks that need math-verify run in
+        parallel on the idle workers; each gets `timeout` seconds (default: the pool's) from the moment
+        a ready worker receives it."""
+        timeout = self.timeout if timeout is None else _check_timeout("timeout", timeout)
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise ValueError(
+                f"verify_batch: items must be an iterable of (response_text, gold) pairs, got {type(items).__name__}"
+            )
+        items = list(items)
+        for index, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise ValueError(
+                    f"verify_batch: items[{index}] must be a (response_text: str, gold: str) pair, got {item!r:.100}"
+                )
+        with self._lock:
+            if self._closed:
+                raise ValueError("VerifierPool is closed")
+
+        verdicts: list[Verdict | None] = [None] * len(items)
+        tasks: list[tuple[int, str, str]] = []  # (item index, pred, gold) for the workers
+        for index, (text, gold) in enumerate(items):
+            try:
+                pred = extract_answer(text, last_number=last_number)
+                if pred is None:
+                    verdicts[index] = Verdict(0.0, None, "no_answer")
+                elif (reason := _quick_reason(pred, gold)) is not None:
+                    verdicts[index] = _verdict(pred, reason)
+                else:
+                    tasks.append((index, pred, gold))
+            except Exception as e:  # a bug here must cost one reward, not the training run
+                verdicts[index] = Verdict(0.0, None, f"internal_error: {type(e).__name__}: {e}")
+        if tasks:
+            try:
+                reasons = self._run([(pred, gold) for _, pred, gold in tasks], timeout)
+            except Exception as e:
+                reasons = [f"internal_error: {type(e).__name__}: {e}"] * len(tasks)
+            for (index, pred, _), reason in zip(tasks, reasons):
+                verdicts[index] = _verdict(pred, reason)
+        assert all(v is not None for v in verdicts)
+        return verdicts  # type: ignore[return-value]
+
+    # -- internals --
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self._memory_limit_mb)
+        with self._lock:
+            if self._closed:
+                worker.kill()  # close() ran while this call was replacing a worker
+            else:
+                self._workers.add(worker)
+        return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+        worker.kill()
+
+    def _checkin(self, worker: _Worker) -> None:
+        with self._lock:
+            alive = not self._closed and worker in self._workers
+        if alive:
+            self._idle.put(worker)
+        else:
+            worker.kill()
+
+    def _checkout(self, wanted: int) -> list[_Worker]:
+        """At least one worker (waiting for one if all are busy), up to `wanted`."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return []
+            try:
+                first = self._idle.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        workers = [first]
+        while len(workers) < wanted:
+            try:
+                workers.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        return workers
+
+    def _run(self, checks: list[tuple[str, str]], timeout: float) -> list[str]:
+        """A reason per (pred, gold) check, computed on checked-out workers.
+
+        Event loop: every worker is either starting (awaiting its ready line), busy (awaiting a
+        reply) or done; the loop sleeps in select() until a reply arrives or the earliest deadline
+        passes. A busy worker past its deadline is killed and replaced, and the replacement joins
+        the loop. A worker that dies or stalls while starting is replaced but not reused in this
+        call, so a broken environment ends the call instead of spinning."""
+        reasons: list[str | None] = [None] * len(checks)
+        todo = collections.deque(range(len(checks)))
+        active: dict[_Worker, tuple[int | None, float]] = {}  # worker -> (check index or None if starting, deadline)
+        selector = selectors.DefaultSelector()
+        startup_failures: list[str] = []
+
+        def dispatch(worker: _Worker) -> None:
+            """Give a worker its next job, or hand it back to the pool when there is none."""
+            while True:
+                if not todo:
+                    held.discard(worker)
+                    self._checkin(worker)
+                    return
+                if not worker.ready:
+                    active[worker] = (None, worker.started + self.startup_timeout)
+                    selector.register(worker, selectors.EVENT_READ)
+                    return
+                index = todo.popleft()
+                if worker.send(*checks[index], timeout):
+                    active[worker] = (index, time.monotonic() + timeout)
+                    selector.register(worker, selectors.EVENT_READ)
+                    return
+                # It died while idle (e.g. OOM-killed): not this check's fault, so requeue the check.
+                todo.appendleft(index)
+                held.discard(worker)
+                self._retire(worker)
+                worker = self._spawn()
+                held.add(worker)
+
+        def fail(worker: _Worker, reason: str) -> None:
+            index, _ = active.pop(worker)
+            selector.unregister(worker)
+            held.discard(worker)
+            self._retire(worker)
+            replacement = self._spawn()
+            if index is None:
+                startup_failures.append(reason)
+                self._checkin(replacement)
+            else:
+                reasons[index] = reason
+                held.add(replacement)
+                dispatch(replacement)
+
+        held = set(self._checkout(len(checks)))  # workers this call must check back in
+        try:
+            for worker in list(held):
+                dispatch(worker)
+            while active:
+                if not todo:  # a worker still starting has nothing left to do in this call
+                    for worker, (index, _) in list(active.items()):
+                        if index is None:
+                            del active[worker]
+                            selector.unregister(worker)
+                            held.discard(worker)
+                            self._checkin(worker)
+                    if not active:
+                        break
+                now = time.monotonic()
+                for worker, (index, deadline) in list(active.items()):
+                    if now >= deadline:
+                        fail(worker, "timeout" if index is not None else "worker_error: worker did not start in time")
+                if not active:
+                    break
+                wait = max(0.0, min(deadline for _, deadline in active.values()) - time.monotonic())
+                for key, _ in selector.select(wait):
+                    worker = key.fileobj
+                    messages = worker.read()
+                    if messages is None:
+                        try:
+                            code = worker.proc.wait(timeout=1.0)
+                        except subprocess.TimeoutExpired:  # closed its stdout yet still running
+                            code = None
+                        # SIGXCPU is the worker's own CPU-time backstop, i.e. a timeout seen late.
+                        late_timeout = code == -signal.SIGXCPU
+                        fail(worker, "timeout" if late_timeout else f"worker_error: worker exited (code {code})")
+                        continue
+                    assert len(messages) <= 1, "a worker has at most one message outstanding"
+                    for message in messages:
+                        index, _ = active.pop(worker)
+                        selector.unregister(worker)
+                        if "ready" in message:
+                            worker.ready = True
+                        else:
+                            reasons[index] = message["reason"]
+                        dispatch(worker)
+        finally:
+            # Normally empty; non-empty only if this loop itself failed. Such a worker may be in the
+            # middle of a check, and its late reply would be read as the answer to the next one.
+            for worker in held:
+                self._retire(worker)
+                self._checkin(self._spawn())
+            selector.close()
+        unresolved = startup_failures[-1] if startup_failures else "worker_error: verifier pool closed"
+        return [reason if reason is not None else unresolved for reason in reasons]
+
+
+def _check_timeout(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _verdict(pred: str, reason: str) -> Verdict:
+    return Verdict(1.0 if reason == "correct" else 0.0, pred, reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# Process-wide default pool
+
+_default_pool: VerifierPool | None = None
+_default_pool_lock = threading.Lock()
+
+
+def _shared_pool() -> VerifierPool:
+    global _default_pool
+    with _default_pool_lock:
+        if _default_pool is None:
+            _default_pool = VerifierPool(workers=min(4, os.cpu_count() or 1))
+        return _default_pool
+
+
+def verify_answer(
+    response_text: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT, last_number: bool = True
+) -> Verdict:
+    """Extract the answer of `response_text` and check it against `gold`, in at most about `timeout`
+    seconds of math-verify time (plus a worker start, ~1 s, right after a timeout or on first use)."""
+    return _shared_pool().verify(response_text, gold, timeout=timeout, last_number=last_number)
+
+
+def verify_batch(
+    items: Iterable[tuple[str, str]], *, timeout: float = DEFAULT_TIMEOUT, last_number: bool = True
+) -> list[Verdict]:
+    """`verify_answer` for many (response_text, gold) pairs, in parallel on the shared pool."""
+    return _shared_pool().verify_batch(items, timeout=timeout, last_number=last_number)
