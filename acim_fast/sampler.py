@@ -1,0 +1,616 @@
+"""Continuous-batching sampling engine over a paged KV cache, with fork (copy-on-write), pause/append and preemption.
+
+What it does:
+- `Engine.step()` schedules the running sequences (oldest first) and admits waiting ones, then runs ONE model
+  forward over all of them: decodes, prompt prefills (chunked under `max_num_batched_tokens`) and appended tool
+  output mixed in one packed batch (`CausalLM.forward_paged`), and samples one token for every sequence whose
+  tokens are all computed, vectorised over the batch.
+- Sampling: greedy (temperature 0), temperature, top-k, top-p, each sequence with its own seeded
+  `torch.Generator` drawing exactly one uniform per sampled token (inverse-CDF sampling), so a sequence's tokens do
+  not depend on what else is in the batch. For every sampled token it records the log-prob under the sampling
+  distribution (after temperature/top-k/top-p; 0.0 for greedy, a point mass) and the behaviour log-prob under the
+  raw model distribution at `train_temperature` (before any filtering or `forbid` mask).
+- Stops: `stop_token_ids` finish a sequence (token kept); `stop_strings` pause it (token kept), detected on the
+  detokenised tail, so a stop string may end in the middle of a token.
+- `fork` gives children the parent's KV blocks (reference counts, copy-on-write on the first write into a shared
+  partial block): O(blocks) bookkeeping, no K/V recomputed. A child kept at a past position (`at` below what the
+  parent has computed) re-reads its last kept token as a query without rewriting its K/V (`stats.replayed_tokens`).
+- Memory: a fixed pool of `num_blocks`. When a sequence needs a block and none is free the engine preempts the
+  youngest running sequence (then the youngest paused one holding blocks, then itself): its blocks are freed and it
+  is requeued to recompute prompt + tokens so far, keeping what it sampled. A sequence whose prompt + max_new_tokens
+  cannot fit in the pool on its own is refused at `add`, so the engine can always make progress.
+
+What it does not do: tokenisation (stop strings need the `detokenize` callable), beam search, speculative decoding,
+CUDA graphs, or multi-device serving. `max_new_tokens` bounds everything after the prompt, sampled or appended (the
+response length), which is also what bounds a sequence's KV footprint.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+
+from acim_fast.kv_cache import BlockManager, KVPool, OutOfBlocks
+from acim_fast.model import CausalLM, PagedInputs, plan_shared_prefix
+
+WAITING, RUNNING, PAUSED = "waiting", "running", "paused"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256  # bound on everything after the prompt (sampled + appended)
+    stop_token_ids: tuple[int, ...] = ()  # the sequence FINISHES (reason "stop"), token kept
+    stop_strings: tuple[str, ...] = ()  # the sequence PAUSES (reason "stop_string"); needs Engine(detokenize=...)
+    seed: int | None = None  # per-sequence torch.Generator; None = drawn from the OS
+    train_temperature: float = 1.0  # behaviour log-probs: raw model distribution at this temperature
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0, got {self.top_k!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.train_temperature > 0:
+            raise ValueError(f"SamplingParams.train_temperature must be > 0, got {self.train_temperature}")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"SamplingParams.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be ints, got {self.stop_token_ids!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"SamplingParams.seed must be None or an int >= 0, got {self.seed!r}")
+
+
+@dataclass
+class SeqOutput:
+    seq_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # everything after the prompt (sampled and appended)
+    logprobs: list[float]  # under the sampling distribution; 0.0 for appended (and greedy) tokens
+    behaviour_logprobs: list[float]  # raw model distribution at train_temperature; 0.0 for appended tokens
+    loss_mask: list[int]  # 1 sampled, 0 appended (tool output)
+    finish_reason: str | None  # "stop" | "length" | "stop_string" (paused) | "paused" | None while running
+    stop_string: str | None
+    parent: int | None  # lineage: the sequence this one was forked from
+    fork_pos: int | None  # tokens (prompt + response) shared with the parent at the fork
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0  # steps that sampled at least one token
+    sampled_tokens: int = 0
+    prefill_tokens: int = 0  # K/V computed for prompt or appended tokens, the first time
+    decode_tokens: int = 0  # K/V computed for sampled tokens, the first time
+    recomputed_tokens: int = 0  # K/V computed again after a preemption
+    prefix_reused_tokens: int = 0  # tokens whose K/V came from a fork or the prefix cache instead of compute
+    replayed_tokens: int = 0  # query-only rows of forks kept at a past position (no K/V written)
+    preemptions: int = 0
+    peak_kv_blocks: int = 0
+    peak_kv_bytes: int = 0
+
+
+@dataclass(eq=False)
+class _Seq:
+    id: int
+    prompt_len: int
+    ids: list[int]  # prompt + response
+    params: SamplingParams
+    generator: torch.Generator
+    parent: int | None = None
+    fork_pos: int | None = None
+    logprobs: list[float] = field(default_factory=list)
+    behaviour: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    status: str = WAITING
+    finish_reason: str | None = None
+    stop_string: str | None = None
+    num_computed: int = 0  # leading tokens whose K/V is in the pool (when the sequence holds blocks)
+    high_water: int = 0  # most tokens ever computed: K/V below it computed again counts as recomputation
+    replay: bool = False  # re-read token num_computed-1 as a query (its K/V is cached) to get its logits
+    forbid: tuple[int, ...] = ()  # ids banned at the next sampled step
+    num_forks: int = 0
+
+    def output(self) -> SeqOutput:
+        p = self.prompt_len
+        return SeqOutput(seq_id=self.id, prompt_ids=self.ids[:p], token_ids=self.ids[p:],
+                         logprobs=list(self.logprobs), behaviour_logprobs=list(self.behaviour),
+                         loss_mask=list(self.loss_mask), finish_reason=self.finish_reason,
+                         stop_string=self.stop_string, parent=self.parent, fork_pos=self.fork_pos)
+
+
+def filtered_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                      top_k: torch.Tensor) -> torch.Tensor:
+    """Log-probs `[B, V]` (fp32, -inf outside the support) of the sampling distribution of each row.
+
+    logits [B, V]; temperature [B] (0 = greedy: a point mass on the argmax); top_p [B] in (0, 1]; top_k [B] int
+    (0 = off). Order as in transformers: temperature, then top-k, then top-p on the renormalised top-k
+    distribution, keeping the smallest set of most likely tokens whose mass reaches top_p.
+    """
+    logits = logits.float()
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    if bool(((top_k > 0) | (top_p < 1)).any()):
+        vocab = logits.shape[1]
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)
+        k = torch.where(top_k > 0, top_k, vocab)
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
+    out = scaled.log_softmax(dim=-1)
+    if bool(greedy.any()):
+        point = torch.full_like(out, float("-inf"))
+        point.scatter_(1, logits.argmax(dim=-1, keepdim=True), 0.0)
+        out = torch.where(greedy[:, None], point, out)
+    return out
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           train_temperature: torch.Tensor, uniforms: torch.Tensor,
+           forbid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row by inverse CDF. Returns (tokens [B] int64, logprobs [B], behaviour_logprobs [B]).
+
+    uniforms [B] in [0, 1) (one per row, from the row's own generator); forbid [B, V] bool or None: ids removed from
+    the sampling distribution (not from the behaviour one, the raw model distribution at train_temperature).
+    """
+    logits = logits.float()
+    behaviour = (logits / train_temperature[:, None]).log_softmax(dim=-1)
+    masked = logits if forbid is None else logits.masked_fill(forbid, float("-inf"))
+    logp = filtered_logprobs(masked, temperature, top_p, top_k)
+    cdf = logp.exp().cumsum(dim=-1)
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    # Rounding can put u * total at the total itself: fall back to the last token with positive probability
+    # (the first index where the CDF reaches its maximum), never onto a zero-probability tail.
+    tokens = torch.minimum(tokens, cdf.argmax(dim=-1))
+    col = tokens[:, None]
+    return tokens, logp.gather(1, col)[:, 0], behaviour.gather(1, col)[:, 0]
+
+
+def _derive_seed(base: int, fork_index: int, child_index: int) -> int:
+    digest = hashlib.blake2b(f"{base}/{fork_index}/{child_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Engine:
+    """See the module docstring. Sequence ids are ints in creation order; a smaller id is an older sequence."""
+
+    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 4096, detokenize: Callable[[list[int]], str] | None = None,
+                 enable_prefix_caching: bool = False):
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine {name} must be an int >= 1, got {value!r}")
+        cfg = model.config
+        self.model = model
+        self.vocab_size = cfg.vocab_size
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.detokenize = detokenize
+        self.pool = KVPool(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                           model.dtype, model.device)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.stats = EngineStats()
+        self._seqs: dict[int, _Seq] = {}
+        self._running: list[int] = []  # ids, sorted (oldest first)
+        self._waiting: list[int] = []  # ids, sorted
+        self._filled: list[int] = []  # paused sequences whose append used up max_new_tokens: finish next step
+        self._next_id = 0
+        self._os_random = random.SystemRandom()
+
+    # -- public API --
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self._check_ids(prompt_ids, "prompt_ids")
+        if not prompt:
+            raise ValueError("prompt_ids must not be empty")
+        need = -(-(len(prompt) + params.max_new_tokens) // self.block_size)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"prompt over the budget: {len(prompt)} prompt tokens + max_new_tokens "
+                             f"{params.max_new_tokens} need {need} KV blocks, the pool has "
+                             f"{self.block_manager.num_blocks}")
+        if params.stop_strings and self.detokenize is None:
+            raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
+        if params.seed is None:
+            params = replace(params, seed=self._os_random.getrandbits(63))
+        seq = _Seq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params,
+                   generator=torch.Generator().manual_seed(params.seed))
+        self._seqs[seq.id] = seq
+        bisect.insort(self._waiting, seq.id)
+        return seq.id
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running or self._waiting or self._filled)
+
+    def pause(self, seq_id: int) -> None:
+        """Stop scheduling the sequence; its KV blocks stay (until `release`, or a preemption under pressure)."""
+        seq = self._get(seq_id)
+        if seq.status == PAUSED:
+            return
+        (self._running if seq.status == RUNNING else self._waiting).remove(seq.id)
+        seq.status, seq.finish_reason = PAUSED, "paused"
+
+    def append(self, seq_id: int, token_ids: list[int]) -> None:
+        """Add tool output (loss_mask 0) after the sequence's tokens; a paused sequence resumes decoding."""
+        seq = self._get(seq_id)
+        ids = self._check_ids(token_ids, "token_ids")
+        have = len(seq.ids) - seq.prompt_len
+        if have + len(ids) > seq.params.max_new_tokens:
+            raise ValueError(f"append of {len(ids)} tokens to sequence {seq_id} with {have} response tokens exceeds "
+                             f"max_new_tokens {seq.params.max_new_tokens}")
+        seq.ids.extend(ids)
+        seq.logprobs.extend([0.0] * len(ids))
+        seq.behaviour.extend([0.0] * len(ids))
+        seq.loss_mask.extend([0] * len(ids))
+        if have + len(ids) == seq.params.max_new_tokens:
+            # Nothing more may be sampled: the next step reports it finished with reason "length".
+            self.pause(seq_id)
+            self._filled.append(seq.id)
+        else:
+            self.resume(seq_id)
+
+    def resume(self, seq_id: int) -> None:
+        seq = self._get(seq_id)
+        if seq.status != PAUSED or seq.id in self._filled:
+            return
+        seq.finish_reason = seq.stop_string = None
+        if seq.id in self.block_manager:
+            seq.status = RUNNING
+            bisect.insort(self._running, seq.id)
+        else:  # preempted while paused: recompute on admission
+            seq.status = WAITING
+            bisect.insort(self._waiting, seq.id)
+
+    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = ()) -> list[int]:
+        """Start n children holding the parent's first `at` tokens (prompt + response; default all), sharing its
+        KV blocks. Each child is forbidden `forbid` at its next sampled token and samples with its own seed derived
+        from the parent's. The parent keeps its state (a paused parent stays paused)."""
+        parent = self._get(seq_id)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        total = len(parent.ids)
+        at = total if at is None else at
+        if not isinstance(at, int) or not parent.prompt_len <= at <= total:
+            raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
+                             f"for sequence {seq_id}, got {at!r}")
+        if at - parent.prompt_len >= parent.params.max_new_tokens:
+            raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
+        forbid = tuple(self._check_ids(forbid, "forbid"))
+        resident = parent.id in self.block_manager
+        kept = min(at, parent.num_computed) if resident else 0
+        child_ids = [self._new_id() for _ in range(n)]
+        if resident:
+            self.block_manager.fork(parent.id, child_ids, at=kept)
+        r = at - parent.prompt_len
+        for i, cid in enumerate(child_ids):
+            params = replace(parent.params, seed=_derive_seed(parent.params.seed, parent.num_forks, i))
+            child = _Seq(id=cid, prompt_len=parent.prompt_len, ids=parent.ids[:at], params=params,
+                         generator=torch.Generator().manual_seed(params.seed), parent=parent.id, fork_pos=at,
+                         logprobs=parent.logprobs[:r], behaviour=parent.behaviour[:r],
+                         loss_mask=parent.loss_mask[:r], num_computed=kept, high_water=kept,
+                         replay=resident and kept == at, forbid=forbid)
+            self._seqs[cid] = child
+            if resident:
+                child.status = RUNNING
+                bisect.insort(self._running, cid)
+            else:
+                # The parent's blocks were preempted: the children recompute, like the parent would.
+                child.high_water = min(at, parent.high_water)
+                bisect.insort(self._waiting, cid)
+        parent.num_forks += 1
+        self.stats.prefix_reused_tokens += kept * n
+        return child_ids
+
+    def release(self, seq_id: int) -> None:
+        """Forget the sequence and free its blocks (finished sequences are released when `step` returns them)."""
+        seq = self._get(seq_id)
+        if seq.id in self._filled:
+            self._filled.remove(seq.id)
+        if seq.status == RUNNING:
+            self._running.remove(seq.id)
+        elif seq.status == WAITING:
+            self._waiting.remove(seq.id)
+        if seq.id in self.block_manager:
+            self.block_manager.free(seq.id)
+        del self._seqs[seq.id]
+
+    def output(self, seq_id: int) -> SeqOutput:
+        return self._get(seq_id).output()
+
+    def params(self, seq_id: int) -> SamplingParams:
+        """The sequence's parameters, with the seed it actually uses (drawn, derived at a fork, or given)."""
+        return self._get(seq_id).params
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[SeqOutput]:
+        """Add every prompt and step until all finish or pause; paused ones (stop strings) are released too.
+        With a seed, prompt i samples with a seed derived from (seed, i), so repeated prompts give distinct
+        samples. Needs an idle engine, so that no other sequence's output is swallowed."""
+        if self._seqs:
+            raise ValueError(f"generate needs an idle engine; {len(self._seqs)} sequences are live")
+        ids = [self.add(p, params if params.seed is None else replace(params, seed=_derive_seed(params.seed, -1, i)))
+               for i, p in enumerate(prompts)]
+        done: dict[int, SeqOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                done[out.seq_id] = out
+        for sid in ids:
+            if sid in self._seqs:  # paused on a stop string
+                self.release(sid)
+        return [done[sid] for sid in ids]
+
+    # -- the step --
+
+    def step(self) -> list[SeqOutput]:
+        """One scheduler step; returns the sequences that finished (then released) or paused in it."""
+        self.stats.steps += 1
+        results = [self._finish(self._seqs[sid], "length") for sid in self._filled]
+        self._filled.clear()
+        scheduled, copies = self._schedule()
+        if not scheduled:
+            return results
+        bm = self.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        if used > self.stats.peak_kv_blocks:
+            self.stats.peak_kv_blocks = used
+            self.stats.peak_kv_bytes = used * (self.pool.nbytes // bm.num_blocks)
+        self.pool.copy_blocks(copies)
+
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        replay_rows: list[int] = []
+        for seq, start, end in scheduled:
+            if seq.replay and start == seq.num_computed - 1:
+                replay_rows.append(qsl[-1])
+            ids.extend(seq.ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(bm.slot_mapping(seq.id, start, end))
+            tables.append(bm.block_table(seq.id))
+            seq_lens.append(end)
+            qsl.append(qsl[-1] + end - start)
+            self._count_computed(seq, start, end)
+        width = max(len(t) for t in tables)
+        device = self.model.device
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        batch = PagedInputs(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=slot_t.to(device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device))
+        if device.type == "cpu" and len(ids) == len(scheduled) > 1:
+            # A decode-only step: let forks of one prompt read its K/V once (on CUDA the paged kernel serves).
+            plan = plan_shared_prefix(tables, seq_lens, self.block_size)
+            batch.shared = plan if plan.groups else None
+        if replay_rows:
+            keep = torch.ones(len(slots), dtype=torch.bool)
+            keep[replay_rows] = False
+            rows = keep.nonzero()[:, 0]
+            batch.write_rows, batch.write_slots = rows.to(device), slot_t[rows].to(device)
+        with torch.inference_mode():
+            hidden = self.model.forward_paged(torch.tensor(ids, dtype=torch.int64, device=device), self.pool, batch)
+            samplers = []
+            for i, (seq, start, end) in enumerate(scheduled):
+                seq.num_computed = max(seq.num_computed, end)
+                seq.replay = False
+                seq.high_water = max(seq.high_water, end)
+                if end == len(seq.ids):
+                    samplers.append((i, seq))
+            if not samplers:
+                return results
+            rows = torch.tensor([qsl[i + 1] - 1 for i, _ in samplers], device=device)
+            logits = self.model.logits(hidden[rows])
+            tokens, logprobs, behaviour = self._sample(logits, [s for _, s in samplers])
+        self.stats.decode_steps += 1
+        self.stats.sampled_tokens += len(samplers)
+        for (_, seq), tok, lp, bp in zip(samplers, tokens.tolist(), logprobs.tolist(), behaviour.tolist()):
+            seq.ids.append(tok)
+            seq.logprobs.append(lp)
+            seq.behaviour.append(bp)
+            seq.loss_mask.append(1)
+            seq.forbid = ()
+            p = seq.params
+            if tok in p.stop_token_ids:
+                results.append(self._finish(seq, "stop"))
+            elif len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
+                results.append(self._finish(seq, "length"))
+            elif p.stop_strings and (hit := self._stop_string(seq)) is not None:
+                self.pause(seq.id)
+                seq.finish_reason, seq.stop_string = "stop_string", hit
+                results.append(seq.output())
+        return results
+
+    def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], list[tuple[int, int]]]:
+        """Pick this step's (sequence, first query position, end) and the copy-on-write copies to apply first."""
+        bm = self.block_manager
+        scheduled: list[tuple[_Seq, int, int]] = []
+        chosen: set[int] = set()
+        copies: list[tuple[int, int]] = []
+        budget = self.max_num_batched_tokens
+        for sid in list(self._running):
+            if len(scheduled) == self.max_num_seqs or budget == 0:
+                break
+            seq = self._seqs[sid]
+            if seq.status != RUNNING:  # preempted earlier in this loop
+                continue
+            total = len(seq.ids)
+            limit = bm.num_tokens(sid)
+            # New tokens get slots only once the reserved ones are computed (the prefix cache's contract).
+            if seq.num_computed == limit < total:
+                if not self._append_blocks(seq, limit, total, chosen, copies):
+                    continue
+                limit = total
+            start = seq.num_computed - 1 if seq.replay else seq.num_computed
+            end = min(limit, start + budget)
+            assert end > start, f"running sequence {sid} has nothing to compute"
+            scheduled.append((seq, start, end))
+            chosen.add(sid)
+            budget -= end - start
+        for sid in list(self._waiting):
+            if len(scheduled) == self.max_num_seqs or budget == 0:
+                break
+            seq = self._seqs[sid]
+            if not self._admit(seq):
+                break  # first come, first served: no overtaking, so the oldest waiting cannot starve
+            start = seq.num_computed
+            end = min(len(seq.ids), start + budget)
+            scheduled.append((seq, start, end))
+            chosen.add(sid)
+            budget -= end - start
+        return scheduled, copies
+
+    def _append_blocks(self, seq: _Seq, have: int, total: int, chosen: set[int],
+                       copies: list[tuple[int, int]]) -> bool:
+        """Reserve slots for the sequence's uncomputed tokens, preempting others if needed; False if it was the
+        one preempted."""
+        while True:
+            try:
+                copies.extend(self.block_manager.append(seq.id, seq.ids[have:total]))
+                return True
+            except OutOfBlocks:
+                victim = self._victim(seq, chosen)
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _victim(self, seq: _Seq, chosen: set[int]) -> _Seq:
+        """Youngest running sequence not yet scheduled this step, else youngest paused one holding blocks, else
+        `seq` itself."""
+        for sid in reversed(self._running):
+            if sid != seq.id and sid not in chosen:
+                return self._seqs[sid]
+        paused = [s for s in self._seqs.values() if s.status == PAUSED and s.id in self.block_manager]
+        return max(paused, key=lambda s: s.id) if paused else seq
+
+    def _admit(self, seq: _Seq) -> bool:
+        """Allocate blocks for a waiting sequence. With running sequences around, keep one free block per running
+        sequence (room for their next tokens) so that admitting does not force a preemption at once."""
+        bm = self.block_manager
+        need = -(-len(seq.ids) // self.block_size)
+        while True:
+            busy = bool(self._running)
+            if not busy or need + len(self._running) <= bm.num_free_blocks:
+                try:
+                    cached = bm.allocate(seq.id, seq.ids)
+                    break
+                except OutOfBlocks:
+                    pass
+            if busy:
+                return False
+            # Nothing runs, so nothing will free blocks by itself: take them from paused sequences.
+            paused = [s for s in self._seqs.values() if s.status == PAUSED and s.id in bm]
+            assert paused, "add() guarantees a lone sequence fits the pool"
+            self._preempt(max(paused, key=lambda s: s.id))
+        self._waiting.remove(seq.id)
+        seq.status = RUNNING
+        bisect.insort(self._running, seq.id)
+        seq.num_computed = cached
+        self.stats.prefix_reused_tokens += cached
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        self.block_manager.free(seq.id)
+        seq.num_computed = 0
+        seq.replay = False
+        self.stats.preemptions += 1
+        if seq.status == RUNNING:
+            self._running.remove(seq.id)
+            seq.status = WAITING
+            bisect.insort(self._waiting, seq.id)
+
+    def _count_computed(self, seq: _Seq, start: int, end: int) -> None:
+        if seq.replay and start == seq.num_computed - 1:
+            self.stats.replayed_tokens += 1
+            start += 1
+        again = max(0, min(end, seq.high_water) - start)
+        self.stats.recomputed_tokens += again
+        first = max(start, seq.high_water)
+        if first < end:
+            p = seq.prompt_len
+            sampled = sum(seq.loss_mask[max(first - p, 0):end - p]) if end > p else 0
+            self.stats.decode_tokens += sampled
+            self.stats.prefill_tokens += end - first - sampled
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]):
+        dev = logits.device
+        params = [s.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=dev)
+        # Greedy rows draw nothing, so a sequence's random stream does not depend on its neighbours' settings.
+        uniforms = torch.tensor([0.0 if p.temperature == 0 else torch.rand((), generator=s.generator).item()
+                                 for p, s in zip(params, seqs)], device=dev)
+        forbid = None
+        if any(s.forbid for s in seqs):
+            forbid = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
+            for row, s in enumerate(seqs):
+                if s.forbid:
+                    forbid[row, list(s.forbid)] = True
+        return sample(logits, temperature, torch.tensor([p.top_p for p in params], device=dev),
+                      torch.tensor([p.top_k for p in params], device=dev),
+                      torch.tensor([p.train_temperature for p in params], device=dev), uniforms, forbid)
+
+    def _stop_string(self, seq: _Seq) -> str | None:
+        """The stop string that ends inside the newest token's text, if any (earliest end wins). Only response
+        text is searched: a stop string never starts in the prompt."""
+        stops = seq.params.stop_strings
+        # Every token decodes to at least one character in practice; a few extra tokens cover byte-level pieces.
+        window = max(map(len, stops)) + 4
+        tail = seq.ids[max(seq.prompt_len, len(seq.ids) - window):]
+        before = self.detokenize(tail[:-1])
+        text = self.detokenize(tail)
+        common = 0
+        for a, b in zip(before, text):
+            if a != b:
+                break
+            common += 1
+        best = None
+        for s in stops:
+            i = text.find(s, max(0, common - len(s) + 1))
+            if i >= 0 and (best is None or i + len(s) < best[0]):
+                best = (i + len(s), s)
+        return None if best is None else best[1]
+
+    def _finish(self, seq: _Seq, reason: str) -> SeqOutput:
+        seq.finish_reason = reason
+        out = seq.output()
+        self.release(seq.id)
+        return out
+
+    # -- helpers --
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _get(self, seq_id: int) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
+
+    def _check_ids(self, ids: Sequence[int], name: str) -> list[int]:
+        ids = list(ids)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"{name} holds {t!r}, not a token id in [0, {self.vocab_size})")
+        return ids
