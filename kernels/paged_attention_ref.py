@@ -85,14 +85,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
                         validate=True):
     """Causal attention of packed queries against a paged K/V cache, in fp32.
 
-    q               [T, Hq, D]   queries of all sequences packed; any float dtype (out has q's dtype)
-    k_cache/v_cache [num_blocks, block_size, Hkv, D]; Hq % Hkv == 0 (query head h reads kv head h // (Hq//Hkv))
-    block_tables    [B, max_blocks] int32  physical block ids; entries past a sequence's used blocks are ignored
-    seq_lens        [B] int32  tokens in the cache per sequence, including this step's (already written) tokens
-    query_start_loc [B+1] int32  sequence b's queries are q[qsl[b]:qsl[b+1]], its last q_len_b positions
-    scale           softmax scale (usually D ** -0.5)
-    validate        check argument values too (set False in hot loops once the metadata is known good)
-    returns         [T, Hq, D] in q's dtype
+    Arguments and result as `paged_attention.paged_attention` documents them (without `impl`).
 
     Query j of sequence b sits at position seq_lens[b] - q_len_b + j and attends to positions <= it.
     Sequences are handled in chunks of several at once: their tokens are gathered through the block table

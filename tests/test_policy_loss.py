@@ -4,6 +4,8 @@ Triton (interpreter on CPU) implementations against the reference, outputs and g
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import math
 from dataclasses import replace
 
@@ -349,3 +351,24 @@ def test_second_backward_is_refused_not_silently_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
+
+
+def test_imports_and_runs_without_triton():
+    """acim_kernels needs torch alone: without triton the chunked path works and 'triton' is refused."""
+    script = """
+import sys
+sys.modules["triton"] = None  # import triton now raises ImportError
+import torch
+from acim_kernels import LossConfig, policy_loss
+h, w = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4)
+args = dict(old_logp=torch.zeros(5) - 2, advantages=torch.ones(5), loss_mask=torch.ones(5, dtype=torch.bool))
+policy_loss(h, w, torch.arange(5), **args).loss.backward()
+assert h.grad is not None and "triton" not in [m for m in sys.modules if sys.modules[m] is not None]
+try:
+    policy_loss(h, w, torch.arange(5), **args, impl="triton")
+except ValueError as error:
+    assert "triton package" in str(error)
+else:
+    raise AssertionError("impl='triton' without triton must raise")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
