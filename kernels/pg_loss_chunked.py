@@ -64,15 +64,18 @@ def torch_rows(logits: torch.Tensor, inputs: TokenInputs, config: LossConfig, *,
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)  # rows of -inf stay finite
     # Everything below works on shifted logits z - max: large logits lose no precision to cancellation.
     z.sub_(row_max)
-    p = z.exp()
+    z_target = z.gather(1, targets).squeeze(1)
+    entropy = None
+    if config.needs_entropy:  # the entropy needs z beside p: a second [rows x V] buffer
+        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf logits have p = 0: keep p * z at 0, not nan
+        p = z.exp()
+    else:  # one buffer: z becomes p, then dlogits
+        p = z.exp_()
     total = p.sum(1, keepdim=True)
     log_total = total.log()
-    logp = z.gather(1, targets).squeeze(1) - log_total.squeeze(1)
     p.div_(total)
-    entropy = None
+    logp = z_target - log_total.squeeze(1)
     if config.needs_entropy:
-        # -inf logits have p = 0; clamping them keeps p * z at 0 instead of nan.
-        z.clamp_(min=torch.finfo(z.dtype).min)
         entropy = log_total.squeeze(1) - torch.linalg.vecdot(p, z)
     loss = None
     if epilogue:
@@ -93,10 +96,10 @@ def torch_rows(logits: torch.Tensor, inputs: TokenInputs, config: LossConfig, *,
     return RowsResult(logp, entropy, loss, dlogits)
 
 
-def default_chunk_rows(vocab: int, num_rows: int, budget_elements: int = 1 << 21, min_rows: int = 32) -> int:
-    """Rows per chunk: a power of two with rows x V near the element budget (two fp32 buffers of that
-    size are live per chunk), but at least `min_rows`, below which re-reading the weight for every
-    chunk's three matmuls costs more time than the memory saved."""
+def default_chunk_rows(vocab: int, num_rows: int, budget_elements: int = 1 << 22, min_rows: int = 128) -> int:
+    """Rows per chunk: a power of two with rows x V near the element budget (one fp32 buffer of that
+    size is live per chunk, two with entropy), but at least `min_rows`: below that the CPU matmuls of
+    a chunk (dlogits @ weight reduces over all of V) lose more time than the memory saved is worth."""
     rows = max(min_rows, budget_elements // max(vocab, 1))
     return max(1, min(num_rows, 1 << (rows.bit_length() - 1)))
 
