@@ -96,9 +96,10 @@ def _measure_in_this_process(n, h, v, dtype, impl) -> int:
     def status(field: str) -> int:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
         return int(line.split()[1]) * 1024
-    step = make_step(impl, *make_inputs(n, h, v, dtype, "cpu"))
-    if impl == "compiled":
-        step()  # compile outside the measurement
+    hidden, weight, side = make_inputs(n, h, v, dtype, "cpu")
+    step = make_step(impl, hidden, weight, side)
+    step()  # one-time costs (compilation, thread pools, allocator arenas) stay outside the measurement
+    hidden.grad = weight.grad = None  # the measured step allocates its gradients afresh
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     base = status("VmRSS")
     step()

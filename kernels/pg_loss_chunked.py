@@ -175,10 +175,7 @@ class _LinearLoss(torch.autograd.Function):
         # dweight), so it must run once; `_take` enforces that.
         ctx.grads = (valid, grad_h, grad_w, grad_b)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        out_logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_copy_(0, valid, logp)
-        out_entropy = None if entropy is None else torch.zeros_like(out_logp).index_copy_(0, valid, entropy)
-        ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy) if t is not None])
-        return loss.float(), out_logp, out_entropy
+        return _outputs(ctx, hidden.shape[0], valid, loss, logp, entropy)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
@@ -220,15 +217,20 @@ class _LogitsLoss(torch.autograd.Function):
 
         loss, logp, entropy = _forward_passes(n, chunk, make_logits, picked, config, rows_fn, wants_grad, consume)
         ctx.grads = (grad_logits,)
-        out_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device).index_copy_(0, valid, logp)
-        out_entropy = None if entropy is None else torch.zeros_like(out_logp).index_copy_(0, valid, entropy)
-        ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy) if t is not None])
-        return loss.float(), out_logp, out_entropy
+        return _outputs(ctx, logits.shape[0], valid, loss, logp, entropy)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         (grad_logits,) = _take(ctx)
         return grad_logits.mul_(grad_loss.to(grad_logits.dtype)), None, None, None, None
+
+
+def _outputs(ctx, num_rows: int, valid: torch.Tensor, loss, logp, entropy):
+    """(loss, logp [N], entropy [N] or None): per-row results scattered back to all rows, 0 on masked ones."""
+    out_logp = torch.zeros(num_rows, dtype=torch.float32, device=logp.device).index_copy_(0, valid, logp)
+    out_entropy = None if entropy is None else torch.zeros_like(out_logp).index_copy_(0, valid, entropy)
+    ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy) if t is not None])
+    return loss.float(), out_logp, out_entropy
 
 
 def _take(ctx) -> tuple:
