@@ -31,12 +31,17 @@ closed by the last token the sequence may have (nothing could be appended after 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from acim_fast.sampler import Engine, SamplingParams, SeqOutput
 from acim_fast.sandbox import Result, Sandbox, next_history
 from acim_fast.verify import Verdict, verify_batch
+
+# Rewards need an answer the model stated (a box, '####', 'the answer is'): with the last-number fallback, a
+# number printed by a trailing tool output would count as the model's answer.
+verify_stated = functools.partial(verify_batch, last_number=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +167,7 @@ class RolloutLoop:
     def __init__(self, engine: Engine, sandbox: Sandbox, *, encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], fmt: CellFormat = CellFormat(), max_code_calls: int = 4,
                  max_tool_tokens: int = 256,
-                 verify: Callable[[list[tuple[str, str]]], list[Verdict]] = verify_batch):
+                 verify: Callable[[list[tuple[str, str]]], list[Verdict]] = verify_stated):
         if not isinstance(fmt, CellFormat):
             raise ValueError(f"fmt must be a CellFormat, got {type(fmt).__name__}")
         for name, fn in (("encode", encode), ("decode", decode), ("verify", verify)):

@@ -73,6 +73,7 @@ SCRIPTS = {
     "add:": cells("Compute.\n```python\nprint(6 * 7)\n```", lambda o: f"So \\boxed{{{o[0]}}}."),
     "wrong:": cells("```python\nprint(6 * 7 - 1)\n```", lambda o: f"\\boxed{{{o[0]}}}"),
     "prose:": cells("2 + 2 = \\boxed{4}."),
+    "unstated:": cells("```python\nprint(6 * 7)\n```", "Done."),
     "hist:": cells("```python\nx = 20\nprint(x)\n```", "```python\ny = 5\nprint(y)\n1 / 0\n```",
                    "```python\nprint(x + 22, 'y' in globals())\n```", lambda o: f"\\boxed{{{o[2].split()[0]}}}"),
     "cap:": cells(*[f"```python\nprint({k})\n```" for k in range(1, 6)], lambda o: f"\\boxed{{{o[3]}}}"),
@@ -166,9 +167,9 @@ def _check_alignment(rec, appended: list[tuple[int, int]]):
 
 def test_cell_output_is_appended_as_tokens_then_generation_resumes(model, sandbox):
     engine = _engine(model)
-    prompts = [encode(p) for p in ("add:", "wrong:", "prose:")]
-    add, wrong, prose = run_rollouts(engine, sandbox, prompts, ["42", "42", "4"], PARAMS, encode=encode,
-                                     decode=decode)
+    prompts = [encode(p) for p in ("add:", "wrong:", "prose:", "unstated:")]
+    add, wrong, prose, unstated = run_rollouts(engine, sandbox, prompts, ["42", "42", "4", "42"], PARAMS,
+                                               encode=encode, decode=decode)
 
     code_part = "Compute.\n```python\nprint(6 * 7)\n```"
     appended = BLOCK.format("42")
@@ -190,6 +191,9 @@ def test_cell_output_is_appended_as_tokens_then_generation_resumes(model, sandbo
     assert (prose.used_code, prose.code_calls, prose.first_code_token, prose.cells) == (False, 0, None, [])
     _check_alignment(prose, [])
     assert (prose.reward, prose.reason) == (1.0, "correct")
+    # The right number stands only in the tool's output: the model stated no answer, so no reward.
+    assert _text(unstated).endswith("```output\n42\n```\nDone.")
+    assert (unstated.reward, unstated.answer, unstated.reason) == (0.0, None, "no_answer")
     _assert_pool_whole(engine)
 
 
