@@ -1,0 +1,284 @@
+"""Math problems: the `Problem` record, loading them, and deterministic split, shuffle and shard.
+
+What it does:
+- `load_problems(spec)` reads a jsonl file (one JSON object per line), or, for a spec `hf:<name>[:<config>][:<split>]`,
+  a Hugging Face dataset through the optional `datasets` package (imported only then). Fields of a row:
+  `problem` (str) and `answer` (str, or a JSON number: ints with `str`, finite floats with `repr`, so 27.0 gives
+  "27.0") are required; `id` (str, or an int converted with `str`), `level` (an int, or a string "N" / "Level N";
+  MATH's "Level ?" means unknown) and `source` (str) are optional, and null counts as absent. A string answer
+  holding "####" is a raw GSM8K answer: the text after the last "####" is kept, commas removed. Problem and answer
+  are stripped of surrounding whitespace and must not be empty.
+- Every other field of a row (MATH's `solution` and `subject`, GSM8K's worked `solution`, ...) is kept, read-only,
+  in `Problem.extra`: the warm-up SFT and per-subject evaluation reports need them, and dropping data silently
+  would surprise. `fields=` maps our field names to a source's own (e.g. `{"problem": "question"}`).
+- Defaults: `source` is the dataset's name (the file's stem, or the hub name); a missing `id` becomes
+  "<name>/<locator>", the locator being the 1-based line number in a file and the 0-based row index on the hub
+  (each is what a user would look up). Ids must be unique within one load.
+- Blank (whitespace-only) lines are skipped; line numbers still count them, so an error points at the real line.
+  A UTF-8 byte-order mark on the first line and CRLF line ends are accepted.
+- User and data errors raise ValueError naming the file and line ("path:7: ..."), or the spec and row: a missing or
+  unreadable file, an empty file (or blank lines only), non-UTF-8 bytes, bad JSON, a line that is not a JSON object,
+  a missing or wrongly typed field, a duplicate id (both lines named), a missing `datasets` package or a hub load
+  that fails.
+- `split(problems, eval_fraction, seed)` gives (train, eval). A problem's side is decided by a hash of its problem
+  TEXT and the seed, so the split does not depend on the order of the file, on ids (which may be missing or
+  line-based), and exact duplicates of a problem can never sit on both sides (no train/eval leakage). The eval side
+  holds eval_fraction * n problems rounded half up (so small sets get an exact, predictable size), plus any
+  duplicates of the last one taken.
+- `shuffle(problems, seed, epoch)` orders problems by a hash of (seed, epoch, source, id): deterministic across
+  processes and Python versions, different each epoch, and independent of the input order (ties, i.e. repeated
+  (source, id) pairs, keep their input order).
+- `shard(problems, rank, world_size)` takes every world_size-th problem from `rank` on: shards are disjoint, cover
+  the input and differ in size by at most one. Every rank shuffles the same list with the same seed and epoch and
+  then takes its shard, which needs no communication.
+
+What it does not do: prompts (prompts.py), answer checking (verify.py), tokenisation or batching, JSON arrays,
+.json/parquet/csv files, streaming, network access of its own (the hub path is the `datasets` package's), or
+padding shards to equal sizes (a distributed caller that needs equal step counts drops or repeats itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+HF_PREFIX = "hf:"
+_FIELDS = ("id", "problem", "answer", "level", "source")
+_LEVEL = re.compile(r"(?:Level\s+)?(\d+)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One math problem with its gold final answer (a string, as the verifier takes it)."""
+
+    id: str  # unique within the dataset it was loaded from
+    problem: str
+    answer: str
+    level: int | None = None  # difficulty, when the dataset has one (MATH: 1-5)
+    source: str = ""  # the dataset it came from
+    # The row's other fields (read-only, shallow). Not hashed: values may be lists or dicts.
+    extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("id", "problem", "answer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"Problem.{name} must be a non-empty str, got {value!r:.80}")
+        if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int)):
+            raise ValueError(f"Problem.level must be an int or None, got {self.level!r}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"Problem.source must be a str, got {self.source!r}")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError(f"Problem.extra must be a mapping, got {type(self.extra).__name__}")
+
+
+# -- loading --
+
+def load_problems(spec: str | Path, *, fields: Mapping[str, str] | None = None) -> list[Problem]:
+    """The problems of a jsonl file, or of `hf:<name>[:<config>][:<split>]` (split "train" by default), in order.
+
+    `fields` maps our field names ("id", "problem", "answer", "level", "source") to the names the source uses.
+    """
+    rename = _check_fields(fields)
+    if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        name, rows = _hub_rows(spec)
+    else:
+        path = Path(spec)
+        name, rows = path.stem, _jsonl_rows(path)
+    problems: list[Problem] = []
+    first_seen: dict[str, str] = {}  # id -> where it was first seen
+    for where, locator, row in rows:
+        problem = _parse_row(row, where, default_id=f"{name}/{locator}", default_source=name, rename=rename)
+        if problem.id in first_seen:
+            raise ValueError(f"{where}: duplicate id {problem.id!r} (first at {first_seen[problem.id]})")
+        first_seen[problem.id] = where
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"{spec}: no problems (empty, or blank lines only)")
+    return problems
+
+
+def _check_fields(fields: Mapping[str, str] | None) -> dict[str, str]:
+    """Our field name -> the source's, for every field."""
+    rename = {f: f for f in _FIELDS}
+    for ours, theirs in (fields or {}).items():
+        if ours not in _FIELDS:
+            raise ValueError(f"fields: unknown field {ours!r}; expected some of {', '.join(_FIELDS)}")
+        if not isinstance(theirs, str) or not theirs:
+            raise ValueError(f"fields[{ours!r}] must be a non-empty str, got {theirs!r}")
+        rename[ours] = theirs
+    if len(set(rename.values())) != len(rename):
+        raise ValueError(f"fields: two of our fields read the same source field: {rename}")
+    return rename
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(where, line number, parsed JSON) for each non-blank line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from e
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    # Splitting the bytes (not decoded text) on b"\n" only: str.splitlines would also split on U+2028 and friends,
+    # which are legal inside JSON strings, and a trailing "\r" is JSON whitespace.
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte {e.start + 1} of the line is {raw[e.start:e.start + 1]!r})")
+        if not line.strip():
+            continue
+        try:
+            yield where, number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: bad JSON at column {e.colno}: {e.msg}") from None
+
+
+def _hub_rows(spec: str) -> tuple[str, Iterator[tuple[str, int, Any]]]:
+    parts = spec[len(HF_PREFIX):].split(":")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise ValueError(f"{spec}: expected hf:<name>[:<config>][:<split>]")
+    name = parts[0]
+    config = parts[1] if len(parts) == 3 else None
+    split_name = parts[-1] if len(parts) > 1 else "train"
+    try:
+        import datasets  # optional: only this path needs it
+    except ImportError as e:
+        raise ValueError(f"{spec}: loading from the Hugging Face hub needs the `datasets` package, which is not "
+                         f"installed (pip install datasets), or export the data to a jsonl file") from e
+    try:
+        table = datasets.load_dataset(name, config, split=split_name)
+    except Exception as e:  # network, unknown name or split, auth: all user-side, all reported the same way
+        raise ValueError(f"{spec}: datasets.load_dataset({name!r}, {config!r}, split={split_name!r}) failed: "
+                         f"{type(e).__name__}: {e}") from e
+    return name, ((f"{spec} row {i}", i, row) for i, row in enumerate(table))
+
+
+def _parse_row(row: Any, where: str, *, default_id: str, default_source: str, rename: Mapping[str, str]) -> Problem:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {_kind(row)}")
+
+    def get(ours: str) -> Any:
+        return row.get(rename[ours])
+
+    for required in ("problem", "answer"):
+        if rename[required] not in row:
+            have = ", ".join(map(str, row))
+            raise ValueError(f"{where}: missing field {rename[required]!r} (the row has: {have})")
+
+    problem = get("problem")
+    if not isinstance(problem, str):
+        raise ValueError(f"{where}: field {rename['problem']!r} must be a string, got {_kind(problem)}")
+    problem = problem.strip()
+    if not problem:
+        raise ValueError(f"{where}: field {rename['problem']!r} is empty")
+
+    answer = _answer(get("answer"), where, rename["answer"])
+
+    pid = get("id")
+    if pid is None:
+        pid = default_id
+    elif isinstance(pid, int) and not isinstance(pid, bool):
+        pid = str(pid)
+    elif not isinstance(pid, str) or not pid.strip():
+        raise ValueError(f"{where}: field {rename['id']!r} must be a non-empty string or an int, got {pid!r:.80}")
+
+    source = get("source")
+    if source is None:
+        source = default_source
+    elif not isinstance(source, str):
+        raise ValueError(f"{where}: field {rename['source']!r} must be a string, got {_kind(source)}")
+
+    level = _level(get("level"), where, rename["level"])
+    taken = set(rename.values())
+    extra = types.MappingProxyType({k: v for k, v in row.items() if k not in taken})
+    return Problem(id=pid, problem=problem, answer=answer, level=level, source=source, extra=extra)
+
+
+def _answer(value: Any, where: str, key: str) -> str:
+    if isinstance(value, bool):  # a JSON true/false is no answer, though bool is an int subclass
+        raise ValueError(f"{where}: field {key!r} must be a string or a number, got a boolean")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: field {key!r} must be a finite number, got {value}")
+        return repr(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string or a number, got {_kind(value)}")
+    if "####" in value:  # a raw GSM8K answer: worked solution, then "#### 1,234"
+        value = value.rsplit("####", 1)[1].replace(",", "")
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _level(value: Any, where: str, key: str) -> int | None:
+    if value is None or value == "Level ?":  # MATH marks a few problems "Level ?": unknown, not an error
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _LEVEL.fullmatch(value.strip())
+        if match:
+            return int(match.group(1))
+    raise ValueError(f"{where}: field {key!r} must be an int or a string \"N\" / \"Level N\", got {value!r:.80}")
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name for a value's type, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# -- ordering --
+
+def _hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process (unlike `hash`, which is salted per process)."""
+    text = "\x00".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def split(problems: Sequence[Problem], eval_fraction: float, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval), each in input order; see the module docstring for how a problem's side is chosen."""
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction <= 1:
+        raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    keys = [_hash("split", seed, p.problem) for p in problems]
+    order = sorted(range(len(problems)), key=lambda i: keys[i])
+    cut = math.floor(eval_fraction * len(problems) + 0.5)  # round half up; round() would go to even
+    # Duplicated problem texts share a key: move the cut past them so none is on both sides.
+    while 0 < cut < len(order) and keys[order[cut]] == keys[order[cut - 1]]:
+        cut += 1
+    in_eval = set(order[:cut])
+    train = [p for i, p in enumerate(problems) if i not in in_eval]
+    held_out = [p for i, p in enumerate(problems) if i in in_eval]
+    return train, held_out
+
+
+def shuffle(problems: Iterable[Problem], seed: int, epoch: int = 0) -> list[Problem]:
+    """The problems in the order of this (seed, epoch); see the module docstring."""
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    return sorted(problems, key=lambda p: _hash("shuffle", seed, epoch, p.source, p.id))
+
+
+def shard(problems: Sequence[Problem], rank: int, world_size: int) -> list[Problem]:
+    """Rank `rank`'s share: problems[rank::world_size] (disjoint, covering, sizes within one of each other)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return list(problems[rank::world_size])

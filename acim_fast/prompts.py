@@ -1,0 +1,90 @@
+"""Prompt formats: how a problem is shown to the model in each decision mode, and how prose is forced.
+
+What it does:
+- `build_prompt(problem, mode=..., tokenizer=...)` returns a `Prompt(text, response_prefix)`. `text` is the same in
+  every mode, so a sample trained on carries no methodology instruction whatever mode produced it:
+  - with a tokenizer that has a chat template (transformers' `chat_template`), one user message, the problem
+    followed by `ANSWER_INSTRUCTION` (the answer format the verifier reads, not a method: Qwen2.5-Math's
+    "reason step by step" / "integrate ... programs" prompts would each push one decision), rendered by
+    `tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`;
+  - otherwise `PLAIN_TEMPLATE`, "Problem: <problem>\\nSolution:\\n": short, for a tiny char-level model that learns
+    the answer format from its warm-up data rather than from an instruction. The final newline lets a response
+    open a python cell on its first line.
+- Modes. "autonomous" (training and evaluation): no response prefix, the model decides. "code" (the E-step's code
+  branch and evaluation's forced-code mode): the response starts with `CODE_TRIGGER`; whether those tokens stay in
+  the trained sample is the trainer's choice. "prose": no prefix either; prose is forced ONLY by forbidding the
+  token ids `fence_start_ids` returns, never by an instruction.
+- `fence_start_ids(decode, vocab_size)` scans the vocabulary for every token that can hold the first character of
+  the cell opening `CellFormat.open` ("```python"): a token that contains it, or one with a suffix that is a
+  proper prefix of it (for a char-level vocabulary, just "`"; for BPE also "\\n```", "``", ")`" ...). An
+  occurrence of the fence starts inside some token, so banning this set at a step bans every fence starting at that
+  step; banned at every step, no fence can ever open. It also bans inline code that ends a token with "`".
+- `CellFormat` (the python/output cell text) is re-exported from rollout.py, its one definition.
+
+What it does not do: tokenise (callers encode `text` and `response_prefix` separately and append the prefix's ids
+as forced response tokens, so that the prompt ends where sampling starts in every mode), apply the ban (the
+sampler's `forbid`), few-shot examples, system prompts of its own (a template's default system message stays), or
+multi-turn chats.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+from acim_fast.rollout import CellFormat
+
+__all__ = ["ANSWER_INSTRUCTION", "CODE_TRIGGER", "CellFormat", "MODES", "Mode", "PLAIN_TEMPLATE", "Prompt",
+           "build_prompt", "fence_start_ids", "has_chat_template"]
+
+CODE_TRIGGER = "Let's first analyze the problem, then consider if python code could help."
+ANSWER_INSTRUCTION = "Put your final answer within \\boxed{}."
+PLAIN_TEMPLATE = "Problem: {problem}\nSolution:\n"
+
+Mode = Literal["autonomous", "code", "prose"]
+MODES: tuple[str, ...] = ("autonomous", "code", "prose")
+
+
+class Prompt(NamedTuple):
+    text: str  # what the model is conditioned on
+    response_prefix: str  # forced first words of the response ("" unless the mode is "code")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether `tokenizer` is a transformers tokenizer carrying a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None)) and callable(getattr(tokenizer, "apply_chat_template", None))
+
+
+def build_prompt(problem: str, *, mode: Mode = "autonomous", tokenizer: Any = None) -> Prompt:
+    """The prompt for `problem` in `mode`; the chat template of `tokenizer` when it has one, else `PLAIN_TEMPLATE`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"problem must be a non-empty str, got {problem!r:.80}")
+    if has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": f"{problem}\n{ANSWER_INSTRUCTION}"}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not isinstance(text, str):
+            raise ValueError(f"tokenizer.apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+    else:
+        text = PLAIN_TEMPLATE.format(problem=problem)
+    return Prompt(text=text, response_prefix=CODE_TRIGGER if mode == "code" else "")
+
+
+def fence_start_ids(decode: Callable[[list[int]], str], vocab_size: int, *,
+                    fence: str = CellFormat().open) -> frozenset[int]:
+    """Ids (0 <= id < vocab_size) of the tokens that can start `fence`; `decode([id])` gives a token's text.
+
+    Pass the full vocabulary size, added tokens included (`len(tokenizer)` for transformers); a special token that
+    decodes to "" is never banned. Byte-level tokens that decode to U+FFFD alone cannot hold the ASCII backtick.
+    """
+    if not isinstance(fence, str) or not fence:
+        raise ValueError(f"fence must be a non-empty str, got {fence!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+    prefixes = tuple(fence[:k] for k in range(1, len(fence)))  # the proper prefixes
+    banned = set()
+    for token_id in range(vocab_size):
+        text = decode([token_id])
+        if fence in text or text.endswith(prefixes):
+            banned.add(token_id)
+    return frozenset(banned)
