@@ -9,7 +9,12 @@ What it does:
   `torch.Generator` drawing exactly one uniform per sampled token (inverse-CDF sampling), so a sequence's tokens do
   not depend on what else is in the batch. For every sampled token it records the log-prob under the sampling
   distribution (after temperature/top-k/top-p; 0.0 for greedy, a point mass) and the behaviour log-prob under the
-  raw model distribution at `train_temperature` (before any filtering or `forbid` mask).
+  raw model distribution at `train_temperature` (before any filtering, `forbid` or `banned_token_ids` mask).
+- Bans: `SamplingParams.banned_token_ids` are masked out (logit -inf) at EVERY sampled step of the sequence and of
+  the children forked from it (forced prose bans the fence-start ids for a whole rollout); `fork(..., forbid=)`
+  masks ids at the children's NEXT sampled step only (a decision-point sibling). Both constrain the sampling
+  policy, not the model: the sampling log-probs are under the masked distribution, the behaviour log-probs stay
+  the raw model's.
 - Stops: `stop_token_ids` finish a sequence (token kept); `stop_strings` pause it (token kept), detected on the
   detokenised tail, so a stop string may end in the middle of a token.
 - `fork` gives children the parent's KV blocks (reference counts, copy-on-write on the first write into a shared
@@ -51,6 +56,9 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()  # the sequence PAUSES (reason "stop_string"); needs Engine(detokenize=...)
     seed: int | None = None  # per-sequence torch.Generator; None = drawn from the OS
     train_temperature: float = 1.0  # behaviour log-probs: raw model distribution at this temperature
+    # Masked at every sampled step, inherited by forks; stored sorted and deduplicated. Ids are range-checked
+    # against the vocabulary at `Engine.add` (the params do not know the vocabulary).
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -69,6 +77,13 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop_token_ids must be ints, got {self.stop_token_ids!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"SamplingParams.seed must be None or an int >= 0, got {self.seed!r}")
+        banned = self.banned_token_ids
+        if not isinstance(banned, (tuple, list, set, frozenset)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in banned):
+            raise ValueError(f"SamplingParams.banned_token_ids must be a tuple (list, set) of ints, "
+                             f"got {banned!r:.200}")
+        # Sorted and deduplicated: equal bans give equal (and hashable) params whatever set they came from.
+        object.__setattr__(self, "banned_token_ids", tuple(sorted(set(banned))))
 
 
 @dataclass
@@ -164,7 +179,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     """Draw one token per row by inverse CDF. Returns (tokens [B] int64, logprobs [B], behaviour_logprobs [B]).
 
     uniforms [B] in [0, 1) (one per row, from the row's own generator); forbid [B, V] bool or None: ids removed from
-    the sampling distribution (not from the behaviour one, the raw model distribution at train_temperature).
+    the sampling distribution (not from the behaviour one, the raw model distribution at train_temperature); a row
+    must keep at least one id.
     """
     logits = logits.float()
     behaviour = (logits / train_temperature[:, None]).log_softmax(dim=-1)
@@ -211,6 +227,7 @@ class Engine:
         self._filled: list[int] = []  # paused sequences whose append used up max_new_tokens: finish next step
         self._next_id = 0
         self._os_random = random.SystemRandom()
+        self._ban_index: dict[tuple[int, ...], torch.Tensor] = {}  # see _banned_index
 
     # -- public API --
 
@@ -228,6 +245,9 @@ class Engine:
         if params.stop_strings and self.detokenize is None:
             raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
         self._check_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_ids(params.banned_token_ids, "banned_token_ids")
+        if len(params.banned_token_ids) == self.vocab_size:
+            raise ValueError(f"banned_token_ids bans all {self.vocab_size} tokens: nothing could be sampled")
         if params.seed is None:
             params = replace(params, seed=self._os_random.getrandbits(63))
         seq = _Seq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params,
@@ -280,7 +300,8 @@ class Engine:
 
     def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = ()) -> list[int]:
         """Start n children holding the parent's first `at` tokens (prompt + response; default all), sharing its
-        KV blocks. Each child is forbidden `forbid` at its next sampled token and samples with its own seed derived
+        KV blocks. Each child is forbidden `forbid` at its next sampled token (on top of the parent's
+        `banned_token_ids`, which it inherits with the rest of the params) and samples with its own seed derived
         from the parent's. The parent keeps its state (a paused parent stays paused)."""
         parent = self._get(seq_id)
         if not isinstance(n, int) or n < 1:
@@ -293,6 +314,9 @@ class Engine:
         if at - parent.prompt_len >= parent.params.max_new_tokens:
             raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
         forbid = tuple(self._check_ids(forbid, "forbid"))
+        if len(set(forbid).union(parent.params.banned_token_ids)) == self.vocab_size:
+            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
+                             f"{self.vocab_size} tokens: nothing could be sampled")
         resident = parent.id in self.block_manager
         kept = min(at, parent.num_computed) if resident else 0
         child_ids = [self._new_id() for _ in range(n)]
@@ -560,14 +584,24 @@ class Engine:
         uniforms = torch.tensor([0.0 if p.temperature == 0 else torch.rand((), generator=s.generator).item()
                                  for p, s in zip(params, seqs)], device=dev)
         forbid = None
-        if any(s.forbid for s in seqs):
+        if any(s.forbid or s.params.banned_token_ids for s in seqs):
             forbid = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
             for row, s in enumerate(seqs):
+                if s.params.banned_token_ids:
+                    forbid[row].index_fill_(0, self._banned_index(s.params.banned_token_ids), True)
                 if s.forbid:
                     forbid[row, list(s.forbid)] = True
         return sample(logits, temperature, torch.tensor([p.top_p for p in params], device=dev),
                       torch.tensor([p.top_k for p in params], device=dev),
                       torch.tensor([p.train_temperature for p in params], device=dev), uniforms, forbid)
+
+    def _banned_index(self, banned: tuple[int, ...]) -> torch.Tensor:
+        """`banned` as an index tensor on the model's device, built once per distinct ban: a BPE vocabulary has
+        hundreds of fence-start ids, and every sampled step of every banned sequence needs them."""
+        index = self._ban_index.get(banned)
+        if index is None:
+            index = self._ban_index[banned] = torch.tensor(banned, dtype=torch.int64, device=self.model.device)
+        return index
 
     def _stop_string(self, seq: _Seq) -> str | None:
         """The stop string that ends inside the newest token's text, if any (earliest end wins). Only response

@@ -1,4 +1,5 @@
-"""acim_fast.sampler: greedy equality with transformers, fork/copy-on-write, sampling, pause/append, preemption."""
+"""acim_fast.sampler: greedy equality with transformers, fork/copy-on-write, sampling, bans, pause/append,
+preemption."""
 
 from __future__ import annotations
 
@@ -161,6 +162,84 @@ def test_fork_forbid_bans_only_the_next_token(model):
     assert engine.output(parent).finish_reason == "paused"
     engine.release(parent)
     _assert_pool_whole(engine)
+
+
+def test_banned_ids_are_never_sampled_and_logprobs_stay_honest(model):
+    prompts = _prompts([5, 11, 8, 3], seed=12)
+    free = SamplingParams(temperature=1.5, max_new_tokens=40, seed=21)
+    # Ban the ids the unconstrained run samples most, so the ban has something to remove.
+    unbanned = Engine(model, num_blocks=64, block_size=8).generate(prompts, free)
+    counts = torch.bincount(torch.tensor([t for o in unbanned for t in o.token_ids]), minlength=VOCAB)
+    banned = tuple(counts.argsort(descending=True)[:10].tolist())
+    assert counts[list(banned)].sum() >= 20
+    params = replace(free, banned_token_ids=banned)
+    outs = Engine(model, num_blocks=64, block_size=8).generate(prompts, params)
+    assert sum(len(o.token_ids) for o in outs) == 4 * 40
+    for o in outs:
+        assert not set(o.token_ids) & set(banned)
+        rows = _dense_logits(model, o.prompt_ids + o.token_ids)[len(o.prompt_ids) - 1:-1]
+        toks = torch.tensor(o.token_ids)[:, None]
+        masked = rows.clone()
+        masked[:, list(banned)] = float("-inf")
+        # Sampling log-probs are under the banned distribution; behaviour log-probs under the raw model's.
+        torch.testing.assert_close(torch.tensor(o.logprobs), (masked / 1.5).log_softmax(-1).gather(1, toks)[:, 0],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(o.behaviour_logprobs), rows.log_softmax(-1).gather(1, toks)[:, 0],
+                                   atol=1e-5, rtol=0)
+
+
+def test_greedy_with_a_ban_picks_the_best_allowed_token(model):
+    prompt = _prompts([7], seed=13)[0]
+    greedy = Engine(model, num_blocks=32, block_size=4).generate([prompt], SamplingParams(temperature=0,
+                                                                                           max_new_tokens=12))[0]
+    banned = tuple(sorted(set(greedy.token_ids[:3])))
+    out = Engine(model, num_blocks=32, block_size=4).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=12, banned_token_ids=banned))[0]
+    assert out.token_ids[0] != greedy.token_ids[0]
+    logits = _dense_logits(model, out.prompt_ids + out.token_ids)
+    for i, tok in enumerate(out.token_ids):
+        masked = logits[len(prompt) + i - 1].clone()
+        masked[list(banned)] = float("-inf")
+        assert tok == int(masked.argmax())
+
+
+def test_fork_children_inherit_the_ban_and_add_forbid_for_one_step(model):
+    prompt = _prompts([6], seed=14)[0]
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+
+    def forked(banned):
+        """Greedy parent paused after one token, forked twice with its best allowed next token forbidden for one
+        step. Returns (the forbidden id, [(child params, child output)])."""
+        engine = Engine(model, num_blocks=32, block_size=4)
+        parent = engine.add(prompt, replace(params, banned_token_ids=banned))
+        engine.step()
+        engine.pause(parent)
+        nxt = _dense_logits(model, prompt + engine.output(parent).token_ids)[-1]
+        nxt[list(banned)] = float("-inf")
+        forbid = int(nxt.argmax())
+        children = engine.fork(parent, 2, forbid=[forbid])
+        child_params = [engine.params(c) for c in children]
+        done = _run(engine)
+        engine.release(parent)
+        _assert_pool_whole(engine)
+        return forbid, [(p, done[c]) for p, c in zip(child_params, children)]
+
+    forbid, [(_, free), _] = forked(())
+    ref = free.token_ids
+    # Ban a token the unbanned child picks at a step j >= 2, after the fork: only an inherited ban can remove it.
+    j = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i] and ref[i] != forbid)
+    banned = (ref[j],)
+    forbid_banned, children = forked(banned)
+    assert forbid_banned == forbid
+    for child_params, out in children:
+        assert child_params.banned_token_ids == banned
+        assert out.token_ids[:j] == ref[:j] and out.token_ids[j] != ref[j] and banned[0] not in out.token_ids
+        logits = _dense_logits(model, out.prompt_ids + out.token_ids)
+        for i in range(1, len(out.token_ids)):
+            masked = logits[len(prompt) + i - 1].clone()
+            masked[list(banned) + ([forbid] if i == 1 else [])] = float("-inf")
+            assert out.token_ids[i] == int(masked.argmax())
+    assert children[0][1].token_ids == children[1][1].token_ids  # greedy siblings agree
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(model):
@@ -419,6 +498,16 @@ def test_bad_input_raises_value_error(model):
         engine.add([1], SamplingParams(stop_strings=("x",), max_new_tokens=4))
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add([1], SamplingParams(stop_token_ids=(VOCAB + 5,), max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"banned_token_ids holds 101"):
+        engine.add([1], SamplingParams(banned_token_ids=(3, VOCAB), max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"banned_token_ids holds -2"):
+        engine.add([1], SamplingParams(banned_token_ids=(-2,), max_new_tokens=4))
+    with pytest.raises(ValueError, match="bans all 101 tokens"):
+        engine.add([1], SamplingParams(banned_token_ids=tuple(range(VOCAB)), max_new_tokens=4))
+    for bad in ((1.0,), (True,), "12", 5):
+        with pytest.raises(ValueError, match="SamplingParams.banned_token_ids"):
+            SamplingParams(banned_token_ids=bad)
+    assert SamplingParams(banned_token_ids=frozenset({9, 2, 9})).banned_token_ids == (2, 9)
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
                 dict(train_temperature=0), dict(stop_strings=("",)), dict(seed=-3)):
         with pytest.raises(ValueError, match="SamplingParams." + next(iter(bad))):
@@ -430,6 +519,10 @@ def test_bad_input_raises_value_error(model):
     sid = engine.add([1, 2, 3], ok)
     with pytest.raises(ValueError, match=r"forbid holds 101"):
         engine.fork(sid, 1, forbid=[VOCAB])
+    banned_sid = engine.add([1, 2], SamplingParams(max_new_tokens=4, banned_token_ids=tuple(range(1, VOCAB))))
+    with pytest.raises(ValueError, match="together ban all 101 tokens"):
+        engine.fork(banned_sid, 1, forbid=[0])
+    engine.release(banned_sid)
     with pytest.raises(ValueError, match=r"token_ids holds 200"):
         engine.append(sid, [200])
     with pytest.raises(ValueError, match="at must be"):
