@@ -19,19 +19,18 @@ What it does:
   proper prefix of it (for a char-level vocabulary, just "`"; for BPE also "\\n```", "``", ")`" ...). An
   occurrence of the fence starts inside some token, so banning this set at a step bans every fence starting at that
   step; banned at every step, no fence can ever open. It also bans inline code that ends a token with "`".
-- `CellFormat` (the python/output cell text) is re-exported from rollout.py, its one definition.
+- `CellFormat`: the text of a python cell and of its output block (the rollout loop, the task and SFT use it).
 
 What it does not do: tokenise (callers encode `text` and `response_prefix` separately and append the prefix's ids
 as forced response tokens, so that the prompt ends where sampling starts in every mode), apply the ban (the
-sampler's `forbid`), few-shot examples, system prompts of its own (a template's default system message stays), or
+sampler's `banned_token_ids`), few-shot examples, system prompts of its own (a template's default system message stays), or
 multi-turn chats.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple
-
-from acim_fast.rollout import CellFormat
 
 __all__ = ["ANSWER_INSTRUCTION", "CODE_TRIGGER", "CellFormat", "MODES", "Mode", "PLAIN_TEMPLATE", "Prompt",
            "build_prompt", "fence_start_ids", "has_chat_template"]
@@ -42,6 +41,39 @@ PLAIN_TEMPLATE = "Problem: {problem}\nSolution:\n"
 
 Mode = Literal["autonomous", "code", "prose"]
 MODES: tuple[str, ...] = ("autonomous", "code", "prose")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellFormat:
+    """The text of a python cell and of its output block. The default is Qwen2.5-Math's / ToRA's format."""
+
+    open: str = "```python"  # opens a cell; the rest of its line is not code
+    close: str = "\n```"  # closes an open cell; also the stop string the loop needs in every sequence's params
+    output_open: str = "```output\n"
+    output_close: str = "\n```\n"
+    truncated: str = "\n[... output truncated ...]\n"  # replaces the middle of an output that does not fit
+    limit_notice: str = "Code call limit reached: this cell was not run."
+
+    def __post_init__(self) -> None:
+        for name in ("open", "close", "output_open", "output_close", "truncated", "limit_notice"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"CellFormat.{name} must be a non-empty str, got {value!r}")
+
+    def block_prefix(self, tail: str) -> str:
+        """The text that opens the output block after `tail`, the response text from the closing fence on.
+
+        Usually `tail` is the fence alone and the block goes on a line of its own. When the model went on writing
+        the block itself in the fence's token (e.g. "```output\\n"), only the rest of the opening is returned.
+        """
+        fence = self.close.lstrip("\n")
+        forms = [self.close + "\n" + self.output_open]
+        if fence and self.output_open.startswith(fence):  # "\n```output\n": the closing fence doubles as opening
+            forms.append(self.close + self.output_open[len(fence):])
+        for form in forms:
+            if form.startswith(tail):
+                return form[len(tail):]
+        return ("" if tail.endswith("\n") else "\n") + self.output_open
 
 
 class Prompt(NamedTuple):

@@ -35,6 +35,7 @@ import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from acim_fast.prompts import CellFormat
 from acim_fast.sampler import Engine, SamplingParams, SeqOutput
 from acim_fast.sandbox import Result, Sandbox, next_history
 from acim_fast.verify import Verdict, verify_batch
@@ -42,39 +43,6 @@ from acim_fast.verify import Verdict, verify_batch
 # Rewards need an answer the model stated (a box, '####', 'the answer is'): with the last-number fallback, a
 # number printed by a trailing tool output would count as the model's answer.
 verify_stated = functools.partial(verify_batch, last_number=False)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CellFormat:
-    """The text of a python cell and of its output block. The default is Qwen2.5-Math's / ToRA's format."""
-
-    open: str = "```python"  # opens a cell; the rest of its line is not code
-    close: str = "\n```"  # closes an open cell; also the stop string the loop needs in every sequence's params
-    output_open: str = "```output\n"
-    output_close: str = "\n```\n"
-    truncated: str = "\n[... output truncated ...]\n"  # replaces the middle of an output that does not fit
-    limit_notice: str = "Code call limit reached: this cell was not run."
-
-    def __post_init__(self) -> None:
-        for name in ("open", "close", "output_open", "output_close", "truncated", "limit_notice"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"CellFormat.{name} must be a non-empty str, got {value!r}")
-
-    def block_prefix(self, tail: str) -> str:
-        """The text that opens the output block after `tail`, the response text from the closing fence on.
-
-        Usually `tail` is the fence alone and the block goes on a line of its own. When the model went on writing
-        the block itself in the fence's token (e.g. "```output\\n"), only the rest of the opening is returned.
-        """
-        fence = self.close.lstrip("\n")
-        forms = [self.close + "\n" + self.output_open]
-        if fence and self.output_open.startswith(fence):  # "\n```output\n": the closing fence doubles as opening
-            forms.append(self.close + self.output_open[len(fence):])
-        for form in forms:
-            if form.startswith(tail):
-                return form[len(tail):]
-        return ("" if tail.endswith("\n") else "\n") + self.output_open
 
 
 @dataclass(frozen=True)

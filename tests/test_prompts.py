@@ -70,8 +70,8 @@ def test_chat_template_is_used_when_present(bpe):
     assert ANSWER_INSTRUCTION not in build_prompt("What is 2+2?").text  # plain: no instruction
 
 
-def test_cell_format_is_rollouts():
-    assert CellFormat is rollout.CellFormat and CellFormat().open == FENCE
+def test_cell_format_is_the_one_the_rollout_loop_uses():
+    assert rollout.CellFormat is CellFormat and CellFormat().open == FENCE
 
 
 def test_char_level_bans_only_the_backtick():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from acim_fast.model import CausalLM, ModelConfig
-from acim_fast.rollout import Cell, CellFormat, RolloutLoop, run_rollouts
+from acim_fast.prompts import CellFormat
+from acim_fast.rollout import Cell, RolloutLoop, run_rollouts
 from acim_fast.sampler import Engine, SamplingParams
 from acim_fast.sandbox import Sandbox, SandboxOptions
 
