@@ -14,9 +14,9 @@ from .config import parse_args
 NOT_AVAILABLE = """\
 acim_fast: training is not available yet - nothing was trained.
 Built so far: the fused off-policy loss (acim_kernels), the Llama/Qwen2 decoder, the paged sampler with
-copy-on-write forking, the code sandbox, the answer verifier and the tool-integrated rollout loop.
-Still missing before `python -m acim_fast.run` can train: the embedded task and tiny model with its
-warm-up, evaluation, and the EM loop (E-step exploration, M-step updates)."""
+copy-on-write forking, the code sandbox, the answer verifier, the tool-integrated rollout loop, the embedded
+task with its tiny model and warm-up SFT (acim_fast.sft.warm_up), and `python -m acim_fast.evaluate`.
+Still missing before `python -m acim_fast.run` can train: the EM loop (E-step exploration, M-step updates)."""
 
 
 def main(argv: list[str] | None = None) -> int:
