@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (run on a lent GPU machine from the repository root, $OUT set by the tool):
-# the GPU tests natively (no Triton interpreter), then the kernel benchmarks, JSON and logs to $OUT.
+# the GPU tests natively (no Triton interpreter), then the loss, paged-attention and sampler benchmarks,
+# JSON and logs to $OUT. Never run yet: no GPU has been lent to this project so far.
 # The machine has torch and triton; what it lacks travels as wheels (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -11,6 +12,7 @@ mkdir -p /tmp/acim_path && ln -sfn "$PWD/kernels" /tmp/acim_path/acim_kernels
 export PYTHONPATH="/tmp/acim_path:$PYTHONPATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-python -m pytest -q -x tests/test_policy_loss.py 2>&1 | tee "$OUT/tests.log"
-BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.py --benchmark-only \
-    --benchmark-json "$OUT/policy_loss_raw.json" 2>&1 | tee "$OUT/bench.log"
+python -m pytest -q tests/test_policy_loss.py tests/test_paged_attention.py tests/test_model.py \
+    tests/test_sampler.py 2>&1 | tee "$OUT/tests.log"
+BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.py bench/bench_paged_attention.py \
+    bench/bench_sampler.py --benchmark-only --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
