@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import tqdm
 
+from acim_fast.atomic import atomic_write
 from acim_fast.data import Problem, load_problems
 from acim_fast.model import CausalLM
 from acim_fast.prompts import build_prompt, fence_start_ids
@@ -247,15 +247,8 @@ class Report:
         path = Path(path)
         if not path.parent.is_dir():
             raise ValueError(f"--out {path}: directory {path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        text = self.to_json()
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def table(self) -> str:
         head = (f"{'group':<20} {'n':>5} {'pass@1':>7} {'code use':>8} {'code succ':>9} {'prose succ':>10} "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from acim_fast.atomic import atomic_write
 from acim_kernels.paged_attention import paged_attention
 
 SINGLE_FILE = "model.safetensors"
@@ -513,17 +513,17 @@ class CausalLM(nn.Module):
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for fname, shard in zip(names, shards):
             data = {n: t.detach().to("cpu").contiguous() for n, t in shard}
-            _atomic_write(path / fname, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+            atomic_write(path / fname, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
         keep = set(names) | {"config.json"}
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in tensors)},
                      "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}}
-            _atomic_write(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+            atomic_write(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
             keep.add(INDEX_FILE)
         hf = dict(self.config.hf)
         hf["dtype"] = str(self.dtype).removeprefix("torch.")
         hf.pop("torch_dtype", None)
-        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
         for stale in list(path.glob("model*.safetensors")) + list(path.glob(INDEX_FILE)):
             if stale.name not in keep:
                 stale.unlink()
@@ -552,12 +552,3 @@ def _checkpoint_files(path: Path) -> list[Path]:
     raise ValueError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise

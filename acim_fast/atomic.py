@@ -1,0 +1,26 @@
+"""Crash-safe writes: a file is replaced whole or not at all, so a reader (or a resumed run) never sees half of it.
+
+It writes to a temporary file in the target's folder (same filesystem) and renames it into place.
+It does not fsync (a power cut may lose the newest file, never corrupt the old one) or write folders.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call `write(temporary_path)`, then rename the temporary file onto `target`; on any error remove it."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return target
