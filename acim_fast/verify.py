@@ -593,12 +593,8 @@ class VerifierPool:
                             self._checkin(worker)
                     if not active:
                         break
-                now = time.monotonic()
-                for worker, (index, deadline) in list(active.items()):
-                    if now >= deadline:
-                        fail(worker, "timeout" if index is not None else "worker_error: worker did not start in time")
-                if not active:
-                    break
+                # Read what has arrived before enforcing deadlines: a worker spawned long ago whose ready
+                # line waits unread in its pipe is ready, not late.
                 wait = max(0.0, min(deadline for _, deadline in active.values()) - time.monotonic())
                 for key, _ in selector.select(wait):
                     worker = key.fileobj
@@ -621,6 +617,10 @@ class VerifierPool:
                         else:
                             reasons[index] = message["reason"]
                         dispatch(worker)
+                now = time.monotonic()
+                for worker, (index, deadline) in list(active.items()):
+                    if now >= deadline:
+                        fail(worker, "timeout" if index is not None else "worker_error: worker did not start in time")
         finally:
             # Normally empty; non-empty only if this loop itself failed. Such a worker may be in the
             # middle of a check, and its late reply would be read as the answer to the next one.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -392,3 +393,13 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_a_worker_that_became_ready_long_ago_is_used_not_failed():
+    """A worker idle for longer than the startup timeout, its ready line still unread, is ready, not late."""
+    with VerifierPool(workers=1, timeout=TIMEOUT) as p:
+        (worker,) = p._workers
+        readable, _, _ = select.select([worker.proc.stdout], [], [], 60)  # its ready line now waits in the pipe
+        assert readable
+        worker.started -= 3600  # as if spawned an hour ago: past any startup deadline
+        assert p.verify(r"\boxed{\frac{1}{2}}", "0.5").reason == "correct"  # needs math-verify: a worker
