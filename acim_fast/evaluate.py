@@ -23,9 +23,6 @@ What it does:
   (problems that have one). `Report.write(path)` writes JSON atomically (temp file + `os.replace`);
   `Report.table()` is the printed table. The report holds no timings: evaluating a checkpoint twice gives equal
   reports (see "What it does not do" for the one caveat).
-- `load_model(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer` (ids without special tokens;
-  decode skips them; its chat template, if any, renders the prompt). Rollouts stop on the tokenizer's eos id and
-  those of config.json.
 - CLI: `python -m acim_fast.evaluate --model DIR --data FILE [--k 4] [--limit N] [--out report.json] ...` (every
   `EvalOptions` field is a flag) prints the table, and the elapsed time on stderr.
 
@@ -54,8 +51,7 @@ import tqdm
 
 from acim_fast.atomic import atomic_write
 from acim_fast.data import Problem, load_problems
-from acim_fast.model import CausalLM
-from acim_fast.prompts import build_prompt, fence_start_ids
+from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
 from acim_fast.sampler import Engine, SamplingParams
 from acim_fast.sandbox import Sandbox, SandboxOptions
@@ -263,54 +259,6 @@ class Report:
         return "\n".join(lines)
 
 
-# -- the model --
-
-@dataclass(frozen=True, kw_only=True)
-class EvalModel:
-    """A model ready to evaluate: the network, its codec, its stop ids and, optionally, a transformers tokenizer
-    whose chat template renders the prompt (None: prompts.PLAIN_TEMPLATE)."""
-
-    model: CausalLM
-    encode: Callable[[str], list[int]]  # text -> ids, no special tokens added
-    decode: Callable[[list[int]], str]  # ids -> text, special tokens skipped
-    stop_token_ids: tuple[int, ...]
-    tokenizer: Any = None
-    fence_vocab_size: int | None = None  # ids scanned for fence starts; None: the model's vocabulary
-
-
-def load_model(model_dir: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu") -> EvalModel:
-    """Our `CausalLM` and the directory's tokenizer (see the module docstring)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ValueError(f"model directory {path} does not exist")
-    model = CausalLM.from_pretrained(path, dtype=dtype, device=device).eval()
-    from transformers import AutoTokenizer  # the slow import only where a directory needs it
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # a missing or malformed tokenizer file: a user-side problem with the directory
-        raise ValueError(f"{path}: cannot load its tokenizer with transformers.AutoTokenizer: "
-                         f"{type(e).__name__}: {e}") from e
-    vocab = model.config.vocab_size
-    eos = model.config.hf.get("eos_token_id")
-    candidates = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])
-    stops = tuple(sorted({t for t in candidates if isinstance(t, int) and 0 <= t < vocab}))
-    if not stops:
-        raise ValueError(f"{path}: neither the tokenizer nor config.json names an eos token id below the vocabulary "
-                         f"size {vocab}: rollouts could only stop at max_new_tokens")
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    # Models pad their vocabulary past the tokenizer's (Qwen2: 151936 rows, ~151665 tokens): padding ids decode to
-    # nothing and cannot start a fence.
-    return EvalModel(model=model, encode=encode, decode=decode, stop_token_ids=stops, tokenizer=tokenizer,
-                     fence_vocab_size=min(len(tokenizer), vocab))
-
-
 # -- the evaluation --
 
 def _sample_seed(seed: int, problem: Problem, mode: str, index: int) -> int:
@@ -319,10 +267,10 @@ def _sample_seed(seed: int, problem: Problem, mode: str, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def evaluate(model: str | os.PathLike | EvalModel, problems: Iterable[Problem], *,
+def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
              options: EvalOptions | None = None, sandbox: Sandbox | None = None,
              meta: Mapping[str, Any] | None = None, **fields: Any) -> Report:
-    """Evaluate `model` (a checkpoint directory, or an `EvalModel`) on `problems`; see the module docstring.
+    """Evaluate `model` (a checkpoint directory, or a `Policy`) on `problems`; see the module docstring.
 
     Options come from `options` (default `EvalOptions()`) with `fields` overriding it, e.g. `k=2`. A `sandbox`
     given is used and left open; otherwise one is started with `sandbox_timeout_s` and closed. `meta` goes into the
@@ -344,10 +292,10 @@ def evaluate(model: str | os.PathLike | EvalModel, problems: Iterable[Problem], 
             raise ValueError(f"problems[{i}] must be a Problem (see acim_fast.data.load_problems), got "
                              f"{type(p).__name__}")
     meta = dict(meta or {})
-    if isinstance(model, EvalModel):
+    if isinstance(model, Policy):
         lm = model
     else:
-        lm = load_model(model)
+        lm = load_policy(model)
         meta.setdefault("model", str(model))
     own = sandbox is None
     if own:
@@ -362,18 +310,13 @@ def evaluate(model: str | os.PathLike | EvalModel, problems: Iterable[Problem], 
     return Report.build(rows, opts, meta)
 
 
-def _rollouts(lm: EvalModel, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
+def _rollouts(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
     """Per problem, in this order: the greedy autonomous rollout, k forced-code ones, k forced-prose ones."""
-    vocab = lm.model.config.vocab_size
-    fence = tuple(sorted(fence_start_ids(lm.decode, lm.fence_vocab_size or vocab)))
-    if not fence:
-        raise ValueError("no token of the vocabulary can start a code fence: forced prose would be no constraint")
+    fence = lm.fence_ids
     prompts = []
     for p in problems:
-        code = build_prompt(p.problem, mode="code", tokenizer=lm.tokenizer)
-        # build_prompt gives every mode the same text; the trigger is encoded on its own and appended.
-        ids = lm.encode(code.text)
-        prompts.append((ids, ids + lm.encode(code.response_prefix)))
+        ids, trigger = lm.prompt_ids(p.problem)
+        prompts.append((ids, ids + trigger))
     longest = max(len(c) for _, c in prompts)
     context = lm.model.config.hf.get("max_position_embeddings")
     if isinstance(context, int) and longest + opts.max_new_tokens > context:
@@ -442,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)})
     problems = load_problems(args.data)[:args.limit]
     start = time.monotonic()
-    report = evaluate(load_model(args.model, dtype=args.dtype, device=args.device), problems, options=options,
+    report = evaluate(load_policy(args.model, dtype=args.dtype, device=args.device), problems, options=options,
                       meta={"model": args.model, "data": args.data, "limit": args.limit})
     print(report.table())
     if args.out is not None:

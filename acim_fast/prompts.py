@@ -11,7 +11,7 @@ What it does:
     the answer format from its warm-up data rather than from an instruction. The final newline lets a response
     open a python cell on its first line.
 - Modes. "autonomous" (training and evaluation): no response prefix, the model decides. "code" (the E-step's code
-  branch and evaluation's forced-code mode): the response starts with `CODE_TRIGGER`; whether those tokens stay in
+  branch and evaluation's forced-code mode): the response starts with `CODE_TRIGGER` and a newline; whether those tokens stay in
   the trained sample is the trainer's choice. "prose": no prefix either; prose is forced ONLY by forbidding the
   token ids `fence_start_ids` returns, never by an instruction.
 - `fence_start_ids(decode, vocab_size)` scans the vocabulary for every token that can hold the first character of
@@ -78,7 +78,7 @@ class CellFormat:
 
 class Prompt(NamedTuple):
     text: str  # what the model is conditioned on
-    response_prefix: str  # forced first words of the response ("" unless the mode is "code")
+    response_prefix: str  # forced first line of the response ("" unless the mode is "code")
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -99,7 +99,9 @@ def build_prompt(problem: str, *, mode: Mode = "autonomous", tokenizer: Any = No
             raise ValueError(f"tokenizer.apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
     else:
         text = PLAIN_TEMPLATE.format(problem=problem)
-    return Prompt(text=text, response_prefix=CODE_TRIGGER if mode == "code" else "")
+    # The prefix ends the line: what the model writes after it is laid out exactly as an autonomous response, so a
+    # forced-code sample with the prefix cut out reads as a response the model could have chosen by itself.
+    return Prompt(text=text, response_prefix=CODE_TRIGGER + "\n" if mode == "code" else "")
 
 
 def fence_start_ids(decode: Callable[[list[int]], str], vocab_size: int, *,

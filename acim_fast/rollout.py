@@ -21,11 +21,15 @@ What it does:
 - Sequences the caller already added to the engine can be handed to the loop (`submit`), and `fork` forks a
   trajectory, its children inheriting the cells before the fork point. Rewards come from the verifier, in one batch
   when `run_until_done` returns (the text verified is the whole response, tool output included).
+- `on_cell(seq_id, open_at, index)`, if given, is called when a trajectory closes a python cell, before the cell runs
+  (`open_at`: the response token where the cell opens; `index`: the cells the trajectory had before it). It may
+  `fork` the trajectory at or before `open_at`: the E-step's decision-point forking.
 
 What it does not do: prompts or chat templates (a cell opened inside the prompt is not seen: only response text is
 parsed), fences other than `CellFormat`'s (e.g. "```py"), closing fences that do not start a line, running a cell
 closed by the last token the sequence may have (nothing could be appended after it), decision-point forking policy
-(the E-step's), or training. Every sequence of the engine must belong to the loop while it steps.
+(the E-step decides it in `on_cell`), or training. Every sequence of the engine must belong to the loop while it
+steps.
 """
 
 from __future__ import annotations
@@ -135,7 +139,8 @@ class RolloutLoop:
     def __init__(self, engine: Engine, sandbox: Sandbox, *, encode: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], fmt: CellFormat = CellFormat(), max_code_calls: int = 4,
                  max_tool_tokens: int = 256,
-                 verify: Callable[[list[tuple[str, str]]], list[Verdict]] = verify_stated):
+                 verify: Callable[[list[tuple[str, str]]], list[Verdict]] = verify_stated,
+                 on_cell: Callable[[int, int, int], None] | None = None):
         if not isinstance(fmt, CellFormat):
             raise ValueError(f"fmt must be a CellFormat, got {type(fmt).__name__}")
         for name, fn in (("encode", encode), ("decode", decode), ("verify", verify)):
@@ -146,7 +151,9 @@ class RolloutLoop:
         if isinstance(max_tool_tokens, bool) or not isinstance(max_tool_tokens, int) or max_tool_tokens < 1:
             raise ValueError(f"max_tool_tokens must be an int >= 1, got {max_tool_tokens!r}")
         self.engine, self.sandbox, self.fmt = engine, sandbox, fmt
-        self.encode, self.decode, self.verify = encode, decode, verify
+        if on_cell is not None and not callable(on_cell):
+            raise ValueError(f"on_cell must be None or callable, got {on_cell!r}")
+        self.encode, self.decode, self.verify, self.on_cell = encode, decode, verify, on_cell
         self.max_code_calls, self.max_tool_tokens = max_code_calls, max_tool_tokens
         # The longest block prefix is a newline + the opening: every truncated block must fit the cap.
         smallest = len(encode("\n" + fmt.output_open + fmt.truncated + fmt.output_close))
@@ -198,10 +205,12 @@ class RolloutLoop:
         if out.finish_reason in ("stop_string", "paused"):  # it would never be stepped again: handle it now
             self._on_pause(traj, out)
 
-    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = ()) -> list[int]:
+    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = (),
+             params: SamplingParams | None = None) -> list[int]:
         """`Engine.fork` of a driven trajectory; the children are driven too and inherit the cells that end
         before `at` (prompt + response tokens, default all). `at` may not cut a cell's closing fence from its
-        output block, nor keep the fence of a cell still running."""
+        output block, nor keep the fence of a cell still running. `params` (default: the parent's) get the
+        loop's stop string added."""
         traj = self._trajs.get(seq_id)
         if traj is None or traj.output is not None:
             raise ValueError(f"seq_id {seq_id} is not a running trajectory of this RolloutLoop")
@@ -216,7 +225,8 @@ class RolloutLoop:
             if c.close_at <= r < c.end_at:
                 raise ValueError(f"fork at {at} cuts the output block of a cell (response tokens "
                                  f"[{c.close_at}, {c.end_at}))")
-        children = self.engine.fork(seq_id, n, at=at, forbid=forbid)
+        children = self.engine.fork(seq_id, n, at=at, forbid=forbid,
+                                    params=None if params is None else self.sampling_params(params))
         for child in children:
             self.submit(child, traj.gold, cells=[c for c in traj.cells if c.end_at <= r])
         return children
@@ -284,6 +294,8 @@ class RolloutLoop:
         closed = _Closed(code=code, open_at=open_at, close_at=len(resp), prefix=fmt.block_prefix(text[j:]))
         if traj.first_code_token is None:
             traj.first_code_token = open_at
+        if self.on_cell is not None:
+            self.on_cell(traj.seq_id, open_at, len(traj.cells))
         if len(self.encode(closed.prefix + fmt.truncated + fmt.output_close)) > self._room(traj, closed):
             self.engine.release(traj.seq_id)
             self._finish(traj, replace(out, finish_reason="length", stop_string=None))

@@ -298,12 +298,22 @@ class Engine:
             seq.status = WAITING
             bisect.insort(self._waiting, seq.id)
 
-    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = ()) -> list[int]:
+    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = (),
+             params: SamplingParams | None = None) -> list[int]:
         """Start n children holding the parent's first `at` tokens (prompt + response; default all), sharing its
-        KV blocks. Each child is forbidden `forbid` at its next sampled token (on top of the parent's
-        `banned_token_ids`, which it inherits with the rest of the params) and samples with its own seed derived
-        from the parent's. The parent keeps its state (a paused parent stays paused)."""
+        KV blocks. Each child is forbidden `forbid` at its next sampled token (on top of the `banned_token_ids` of
+        its params) and samples with its own seed derived from the parent's. The children's params are the
+        parent's, or `params` (its seed is ignored: the derived one is used). The parent keeps its state (a paused
+        parent stays paused)."""
         parent = self._get(seq_id)
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"params must be None or a SamplingParams, got {type(params).__name__}")
+            self._check_ids(params.stop_token_ids, "stop_token_ids")
+            self._check_ids(params.banned_token_ids, "banned_token_ids")
+            if params.stop_strings and self.detokenize is None:
+                raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
+        base = parent.params if params is None else replace(params, seed=parent.params.seed)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         total = len(parent.ids)
@@ -311,10 +321,10 @@ class Engine:
         if not isinstance(at, int) or not parent.prompt_len <= at <= total:
             raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
                              f"for sequence {seq_id}, got {at!r}")
-        if at - parent.prompt_len >= parent.params.max_new_tokens:
+        if at - parent.prompt_len >= base.max_new_tokens:
             raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
         forbid = tuple(self._check_ids(forbid, "forbid"))
-        if len(set(forbid).union(parent.params.banned_token_ids)) == self.vocab_size:
+        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
             raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
                              f"{self.vocab_size} tokens: nothing could be sampled")
         resident = parent.id in self.block_manager
@@ -324,7 +334,7 @@ class Engine:
             self.block_manager.fork(parent.id, child_ids, at=kept)
         r = at - parent.prompt_len
         for i, cid in enumerate(child_ids):
-            params = replace(parent.params, seed=_derive_seed(parent.params.seed, parent.num_forks, i))
+            params = replace(base, seed=_derive_seed(parent.params.seed, parent.num_forks, i))
             child = _Seq(id=cid, prompt_len=parent.prompt_len, ids=parent.ids[:at], params=params,
                          generator=torch.Generator().manual_seed(params.seed), parent=parent.id, fork_pos=at,
                          logprobs=parent.logprobs[:r], behaviour=parent.behaviour[:r],

@@ -10,10 +10,10 @@ What it does:
   family and level, so the warmed-up model picks code at random, not by difficulty: deciding is RL's job. A share
   of the examples (`trigger_fraction`) are code demonstrations after the forced code prefix, so that the prefix
   forces code in the tiny model too.
-- `pack(examples, pack_tokens)`: sequence packing; each example gives its tokens but the last as inputs and its
-  tokens but the first as targets (`loss_mask` of a row = the mask of its target), examples concatenated into
-  token-budgeted `Pack`s with `cu_seqlens`.
-- `train_sft(model, encode, eos_id, config)`: AdamW, linear warm-up then cosine decay, gradient clipping; each
+- Packing: `acim_fast.packing.pack` of `Row(example.ids, {"loss_mask": example.mask})` (the mask of a row is its
+  target's).
+- `train_sft(model, encode, eos_id, config)`: AdamW, linear warm-up then cosine decay (`acim_fast.optim`), gradient
+  clipping; each
   step one pack through the dense path (`CausalLM.forward_hidden`) and the fused loss (`acim_kernels.policy_loss`
   with its `sft_coef` term alone: advantages 0, so the loss is the mean NLL over the masked-in tokens). Seeded;
   returns the per-step losses. `warm_up(path, ...)` does it all: fresh tiny model, SFT, saved in place.
@@ -34,7 +34,6 @@ What it does not do: RL, checkpoints mid-run, distributed training, or SFT on ex
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass, replace
@@ -43,8 +42,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from acim_fast.model import CausalLM
-from acim_fast.prompts import MODES, build_prompt, fence_start_ids
-from acim_fast.prompts import CellFormat
+from acim_fast.optim import adamw, lr_factor
+from acim_fast.packing import Pack, Row, pack
+from acim_fast.prompts import MODES, CellFormat, build_prompt, fence_start_ids
 from acim_fast.rollout import RolloutLoop
 from acim_fast.sampler import Engine, SamplingParams
 from acim_fast.sandbox import Sandbox, SandboxOptions
@@ -59,14 +59,6 @@ SFT_LOSS = LossConfig(sft_coef=1.0)
 class Example:
     ids: list[int]
     mask: list[int]  # 1: the token is trained on (predicted); 0: prompt, forced prefix or tool output
-
-
-@dataclass(frozen=True, slots=True)
-class Pack:
-    input_ids: torch.Tensor  # [N] int64
-    targets: torch.Tensor  # [N] int64, the next token of each row within its example
-    loss_mask: torch.Tensor  # [N] float32, 1 where the target is trained on
-    cu_seqlens: torch.Tensor  # [B+1] int64, example boundaries
 
 
 @dataclass(kw_only=True, slots=True)
@@ -129,8 +121,8 @@ def demonstration(problem: TaskProblem, *, code: bool, encode: Callable[[str], l
     if code:
         demo = problem.code_demo(fmt)
         if triggered:
-            # The response continues on a new line after the forced prefix: the cell opens at a line start.
-            segments += [(build_prompt(problem.question, mode="code").response_prefix, 0), ("\n", 1)]
+            # The forced prefix ends its line: the cell opens at a line start, as in an untriggered demonstration.
+            segments.append((build_prompt(problem.question, mode="code").response_prefix, 0))
         segments += [(demo.cell, 1), (demo.output, 0), (demo.tail, 1)]
     else:
         segments.append((problem.prose, 1))
@@ -159,57 +151,16 @@ def examples(config: SFTConfig, count: int, *, encode: Callable[[str], list[int]
     return out
 
 
-def pack(items: Iterable[Example], pack_tokens: int) -> list[Pack]:
-    """Greedy packing in order: an example goes into the current pack if its rows fit, else starts the next."""
-    packs: list[Pack] = []
-    rows: list[Example] = []
-    used = 0
-
-    def flush() -> None:
-        ids = [i for e in rows for i in e.ids[:-1]]
-        targets = [i for e in rows for i in e.ids[1:]]
-        mask = [m for e in rows for m in e.mask[1:]]
-        bounds = [0]
-        for e in rows:
-            bounds.append(bounds[-1] + len(e.ids) - 1)
-        packs.append(Pack(input_ids=torch.tensor(ids, dtype=torch.int64),
-                          targets=torch.tensor(targets, dtype=torch.int64),
-                          loss_mask=torch.tensor(mask, dtype=torch.float32),
-                          cu_seqlens=torch.tensor(bounds, dtype=torch.int64)))
-
-    for e in items:
-        n = len(e.ids) - 1
-        if n < 1 or n > pack_tokens:
-            raise ValueError(f"an example of {len(e.ids)} tokens does not fit pack_tokens={pack_tokens} "
-                             f"(it needs 2..{pack_tokens + 1} tokens)")
-        if used + n > pack_tokens:
-            flush()
-            rows, used = [], 0
-        rows.append(e)
-        used += n
-    if rows:
-        flush()
-    return packs
-
-
 # -- training --
-
-def lr_factor(step: int, config: SFTConfig) -> float:
-    """Multiplier of config.lr at `step` (0-based): linear warm-up to 1, then cosine down to min_lr_ratio."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
 
 def sft_loss(model: CausalLM, p: Pack) -> torch.Tensor:
     """Mean NLL over the pack's masked-in targets, through the dense path and the fused loss."""
     hidden = model.forward_hidden(p.input_ids, cu_seqlens=p.cu_seqlens)
     zeros = torch.zeros(p.targets.shape[0], device=hidden.device)
+    mask = p.values["loss_mask"]
     # With advantages 0 the policy term is 0 (value and gradient): only the sft_coef NLL term remains.
     return policy_loss(hidden, model.lm_head_weight, p.targets, old_logp=zeros, advantages=zeros,
-                       loss_mask=p.loss_mask, sft_mask=p.loss_mask, config=SFT_LOSS).loss
+                       loss_mask=mask, sft_mask=mask, config=SFT_LOSS).loss
 
 
 def train_sft(model: CausalLM, config: SFTConfig, *, encode: Callable[[str], list[int]], eos_id: int,
@@ -217,12 +168,9 @@ def train_sft(model: CausalLM, config: SFTConfig, *, encode: Callable[[str], lis
     """Train `model` in place for `config.steps` packs; returns the loss of every step. Deterministic given the
     model's initial weights and the config (the data stream is seeded; nothing else draws random numbers)."""
     stream = _pack_stream(config, encode=encode, eos_id=eos_id)
-    # Weight decay on matrices only (norm gains stay free), as usual.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    optimizer = adamw(model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup_steps=config.warmup_steps, total_steps=config.steps, min_lr_ratio=config.min_lr_ratio))
     model.train()
     losses: list[float] = []
     for step in range(config.steps):
@@ -247,7 +195,7 @@ def _pack_stream(config: SFTConfig, *, encode: Callable[[str], list[int]], eos_i
         # Examples average ~100 tokens: a chunk fills ~20 packs. Its last pack, usually partial, is dropped so
         # that every step sees about pack_tokens tokens.
         items = examples(config, config.pack_tokens // 5, encode=encode, eos_id=eos_id, chunk=chunk)
-        yield from pack(items, config.pack_tokens)[:-1]
+        yield from pack([Row(e.ids, {"loss_mask": e.mask}) for e in items], config.pack_tokens)[:-1]
         chunk += 1
 
 

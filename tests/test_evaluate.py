@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from acim_fast.data import load_problems
-from acim_fast.evaluate import (EvalModel, EvalOptions, ProblemResult, Report, evaluate, load_model, main,
-                                oracle_decision, selection_accuracy, summarize)
+from acim_fast.evaluate import (EvalOptions, ProblemResult, Report, evaluate, main, oracle_decision,
+                                selection_accuracy, summarize)
 from acim_fast.model import CausalLM
+from acim_fast.policy import Policy, load_policy
 from acim_fast.prompts import CODE_TRIGGER, build_prompt
 from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.tiny import EOS, TinyConfig, build_tokenizer, codec, create_tiny, save_tokenizer
@@ -56,7 +57,7 @@ def model_dir(tmp_path_factory):
 
     data = [(plain("7*8"), _code("7*8", 56)), (plain("2+3"), _prose("2+3", 5))]
     data += [(plain("9-4"), _code("9-4", 5))] * 3 + [(plain("9-4"), _prose("9-4", 5))]
-    data += [(plain(q) + CODE_TRIGGER, "\n" + _code(q, v)) for q, v in (("7*8", 56), ("2+3", 5), ("9-4", 5))]
+    data += [(plain(q) + CODE_TRIGGER + "\n", _code(q, v)) for q, v in (("7*8", 56), ("2+3", 5), ("9-4", 5))]
     seqs = [(encode(p), encode(r) + [eos]) for p, r in data]
     ids = torch.tensor([t for p, r in seqs for t in p + r])
     bounds, targets, weight = [0], [], []
@@ -209,7 +210,7 @@ def test_cli_writes_the_json_report_and_prints_the_table(model_dir, data_file, t
 
 def test_reports_are_deterministic_and_independent_of_problem_order(model_dir, data_file, sandbox):
     problems = load_problems(data_file)
-    lm = load_model(model_dir)
+    lm = load_policy(model_dir)
     options = EvalOptions(temperature=1.0, seed=3, **FAST)
     first = evaluate(lm, problems, options=options, sandbox=sandbox)
     second = evaluate(lm, problems, options=options, sandbox=sandbox)
@@ -217,7 +218,7 @@ def test_reports_are_deterministic_and_independent_of_problem_order(model_dir, d
     # Samples are seeded per problem, not per position: reversed input, the same rows.
     backwards = evaluate(lm, problems[::-1], options=options, sandbox=sandbox)
     assert [r.to_dict() for r in backwards.rows[::-1]] == [r.to_dict() for r in first.rows]
-    assert first.meta == {}  # an EvalModel has no path to record
+    assert first.meta == {}  # an Policy has no path to record
 
 
 def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
@@ -228,12 +229,12 @@ def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
     weights_only = tmp_path / "weights_only"
     CausalLM.from_pretrained(model_dir).save_pretrained(weights_only)
     with pytest.raises(ValueError, match=re.escape(f"{weights_only}: cannot load its tokenizer")):
-        load_model(weights_only)
+        load_policy(weights_only)
     for bad in (dict(k=0), dict(threshold=1.0), dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=0),
                 dict(seed=-1), dict(max_code_calls=-1), dict(sandbox_timeout_s=0.0), dict(k=True)):
         with pytest.raises(ValueError, match="EvalOptions." + next(iter(bad))):
             EvalOptions(**bad)
-    lm = load_model(model_dir)
+    lm = load_policy(model_dir)
     with pytest.raises(ValueError, match="unknown evaluate option"):
         evaluate(lm, problems, sandbox=sandbox, kk=2)
     with pytest.raises(ValueError, match="at least one problem"):
@@ -251,4 +252,4 @@ def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
         main(["--model", str(model_dir), "--data", str(data_file), "--limit", "0"])
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "absent.jsonl"))):
         main(["--model", str(model_dir), "--data", str(tmp_path / "absent.jsonl")])
-    assert isinstance(lm, EvalModel) and lm.stop_token_ids == (build_tokenizer().token_to_id(EOS),)
+    assert isinstance(lm, Policy) and lm.stop_token_ids == (build_tokenizer().token_to_id(EOS),)

@@ -40,7 +40,7 @@ def test_plain_prompt_and_modes():
     assert auto == Prompt(text="Problem: What is 2+2?\nSolution:\n", response_prefix="")
     assert auto.text == PLAIN_TEMPLATE.format(problem="What is 2+2?")
     text, prefix = build_prompt("What is 2+2?", mode="code")
-    assert (text, prefix) == (auto.text, CODE_TRIGGER)
+    assert (text, prefix) == (auto.text, CODE_TRIGGER + "\n")
     assert CODE_TRIGGER == "Let's first analyze the problem, then consider if python code could help."
     assert build_prompt("What is 2+2?", mode="prose") == auto  # prose is forced by the ban, not by words
 
@@ -66,7 +66,7 @@ def test_chat_template_is_used_when_present(bpe):
         text, prefix = build_prompt("What is 2+2?", mode=mode, tokenizer=hf)
         assert text == ("<|im_start|>user\nWhat is 2+2?\nPut your final answer within \\boxed{}.<|im_end|>\n"
                         "<|im_start|>assistant\n")
-        assert prefix == (CODE_TRIGGER if mode == "code" else "")
+        assert prefix == (CODE_TRIGGER + "\n" if mode == "code" else "")
     assert ANSWER_INSTRUCTION not in build_prompt("What is 2+2?").text  # plain: no instruction
 
 

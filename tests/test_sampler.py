@@ -242,6 +242,29 @@ def test_fork_children_inherit_the_ban_and_add_forbid_for_one_step(model):
     assert children[0][1].token_ids == children[1][1].token_ids  # greedy siblings agree
 
 
+def test_fork_with_params_bans_from_the_fork_on_and_keeps_the_parent_seed_lineage(model):
+    prompt = _prompts([5], seed=15)[0]
+    engine = Engine(model, num_blocks=32, block_size=4)
+    parent = engine.add(prompt, SamplingParams(temperature=0, max_new_tokens=8, seed=7))
+    engine.step()
+    engine.pause(parent)
+    (first,) = engine.fork(parent, 1)  # the unbanned greedy continuation
+    free_out = _run(engine)[first]
+    banned = tuple(sorted(set(free_out.token_ids[1:])))  # everything it would say after the fork
+    (child,) = engine.fork(parent, 1, params=SamplingParams(temperature=0, max_new_tokens=8, seed=123,
+                                                            banned_token_ids=banned))
+    assert engine.params(child).banned_token_ids == banned
+    assert engine.params(child).seed != 123  # derived from the parent's, like any fork
+    out = _run(engine)[child]
+    assert out.token_ids[0] == free_out.token_ids[0] and not set(out.token_ids[1:]) & set(banned)
+    with pytest.raises(ValueError, match="params must be None or a SamplingParams"):
+        engine.fork(parent, 1, params={"temperature": 0})
+    with pytest.raises(ValueError, match="no max_new_tokens budget"):
+        engine.fork(parent, 1, params=SamplingParams(max_new_tokens=1))
+    engine.release(parent)
+    _assert_pool_whole(engine)
+
+
 def test_seeded_sampling_is_reproducible_regardless_of_batch(model):
     prompt = _prompts([12], seed=3)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=1234)

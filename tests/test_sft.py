@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from acim_fast.prompts import CODE_TRIGGER, build_prompt
-from acim_fast.prompts import CellFormat
-from acim_fast.sft import (Example, SFTConfig, demonstration, examples, first_token_code_prob,
-                           format_regions, lr_factor, measure_regions, pack, sft_loss, train_sft)
+from acim_fast.packing import Row, pack
+from acim_fast.prompts import CODE_TRIGGER, CellFormat, build_prompt
+from acim_fast.sft import (SFTConfig, demonstration, examples, first_token_code_prob, format_regions,
+                           measure_regions, sft_loss, train_sft)
 from acim_fast.task import FAMILIES, generate
 from acim_fast.tiny import EOS, TinyConfig, build_model, build_tokenizer, codec, create_tiny
 
@@ -48,8 +48,8 @@ def test_code_demonstration_masks_prompt_prefix_and_output_block(triggered):
     prefix = CODE_TRIGGER + "\n" if triggered else ""
     assert DECODE(e.ids) == prompt + prefix + demo.text
     trained, masked = split_by_mask(e)
-    assert trained == ("\n" if triggered else "") + demo.cell + demo.tail
-    assert masked == prompt + (CODE_TRIGGER if triggered else "") + demo.output
+    assert trained == demo.cell + demo.tail
+    assert masked == prompt + prefix + demo.output
     # Every token of the output block, value included, is masked; the fence that closes the cell is trained.
     start = len(prompt) + len(prefix) + len(demo.cell)
     assert e.mask[start - 3:start] == [1, 1, 1] and DECODE(e.ids[start - 3:start]) == "```"
@@ -94,55 +94,32 @@ def _family(question: str) -> str:
     raise AssertionError(question)
 
 
-def test_pack_concatenates_shifted_examples_within_the_budget():
-    items = [Example(ids=list(range(10, 10 + n)), mask=[0] * (n // 2) + [1] * (n - n // 2)) for n in (5, 7, 3, 9, 6)]
-    packs = pack(items, pack_tokens=12)
-    # Rows per example: 4, 6, 2, 8, 5 -> [4, 6, 2] [8] [5]
-    assert [p.cu_seqlens.tolist() for p in packs] == [[0, 4, 10, 12], [0, 8], [0, 5]]
-    p = packs[0]
-    assert p.input_ids.tolist() == [10, 11, 12, 13] + [10, 11, 12, 13, 14, 15] + [10, 11]
-    assert p.targets.tolist() == [11, 12, 13, 14] + [11, 12, 13, 14, 15, 16] + [11, 12]
-    # The mask of a row is its target's: the first example's mask [0,0,1,1,1] becomes [0,1,1,1].
-    assert p.loss_mask.tolist() == [0, 1, 1, 1] + [0, 0, 1, 1, 1, 1] + [1, 1]
-    with pytest.raises(ValueError, match="pack_tokens=4"):
-        pack(items, pack_tokens=4)
-
-
 def test_pack_of_real_demonstrations_keeps_prompt_and_output_targets_out():
     p = generate(1, seed=1, families=("pow",), levels=(2,))[0]
     e = demonstration(p, code=True, encode=ENCODE, eos_id=EOS_ID)
-    (packed,) = pack([e, e], pack_tokens=1000)
+    (packed,) = pack([Row(e.ids, {"loss_mask": e.mask})] * 2, pack_tokens=1000)
     n = len(e.ids) - 1
     assert packed.cu_seqlens.tolist() == [0, n, 2 * n]
-    trained = DECODE(packed.targets[packed.loss_mask == 1].tolist())
+    trained = DECODE(packed.targets[packed.values["loss_mask"] == 1].tolist())
     demo = p.code_demo()
     assert trained == 2 * (demo.cell + demo.tail)  # EOS targets are trained too, and decode to ""
-    assert int(packed.loss_mask.sum()) == 2 * (len(demo.cell) + len(demo.tail) + 1)
+    assert int(packed.values["loss_mask"].sum()) == 2 * (len(demo.cell) + len(demo.tail) + 1)
 
 
 def test_sft_loss_is_the_mean_nll_of_the_masked_in_targets():
     model = build_model(SMALL, TOK)
     items = examples(SFTConfig(seed=0), 12, encode=ENCODE, eos_id=EOS_ID)
-    (p,) = pack(items, pack_tokens=4096)
+    (p,) = pack([Row(e.ids, {"loss_mask": e.mask}) for e in items], pack_tokens=4096)
     loss = sft_loss(model, p)
     logits = model(p.input_ids, cu_seqlens=p.cu_seqlens)
     nll = torch.nn.functional.cross_entropy(logits.float(), p.targets, reduction="none")
-    expected = (nll * p.loss_mask).sum() / p.loss_mask.sum()
+    mask = p.values["loss_mask"]
+    expected = (nll * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     # Packing must not leak attention across examples: the first example alone gives the same rows.
     n = len(items[0].ids) - 1
     alone = model(p.input_ids[:n])
     torch.testing.assert_close(alone, logits[:n], rtol=1e-5, atol=1e-5)
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    c = SFTConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, c) == pytest.approx(0.1) and lr_factor(9, c) == pytest.approx(1.0)
-    assert lr_factor(10, c) == pytest.approx(1.0)
-    assert lr_factor(55, c) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(100, c) == pytest.approx(0.1)
-    values = [lr_factor(s, c) for s in range(10, 101)]
-    assert values == sorted(values, reverse=True)
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("code_fraction", 1.5),

@@ -1,0 +1,80 @@
+"""A policy: the network with its tokenizer, stop ids and prompt encoding, as rollouts (E-step, evaluation) need it.
+
+What it does:
+- `Policy` bundles our `CausalLM`, `encode` (text -> ids, no special tokens added), `decode` (ids -> text, special
+  tokens skipped), the stop ids, and optionally a transformers tokenizer whose chat template renders the prompt
+  (None: `prompts.PLAIN_TEMPLATE`). `Policy.prompt_ids(problem)` gives the prompt's ids and the ids of the forced
+  code prefix, each encoded on its own (the prompt ends where sampling starts in every mode; see prompts.py);
+  `Policy.fence_ids` the tokens that can start a code fence (banned to force prose), computed once.
+- `load_policy(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer`. Rollouts stop on the
+  tokenizer's eos id and those of config.json.
+
+What it does not do: sample (the sampler), train, or save (checkpoints are the trainer's).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from acim_fast.model import CausalLM
+from acim_fast.prompts import build_prompt, fence_start_ids
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    model: CausalLM
+    encode: Callable[[str], list[int]]  # text -> ids, no special tokens added
+    decode: Callable[[list[int]], str]  # ids -> text, special tokens skipped
+    stop_token_ids: tuple[int, ...]
+    tokenizer: Any = None
+    fence_vocab_size: int | None = None  # ids scanned for fence starts; None: the model's vocabulary
+
+    @functools.cached_property
+    def fence_ids(self) -> tuple[int, ...]:
+        """Sorted ids of every token that can start a code fence (see `prompts.fence_start_ids`)."""
+        fence = tuple(sorted(fence_start_ids(self.decode, self.fence_vocab_size or self.model.config.vocab_size)))
+        if not fence:
+            raise ValueError("no token of the vocabulary can start a code fence: forced prose would be no constraint")
+        return fence
+
+    def prompt_ids(self, problem: str) -> tuple[list[int], list[int]]:
+        """(the prompt's ids, the forced code prefix's ids): one prompt text in every mode, see prompts.py."""
+        code = build_prompt(problem, mode="code", tokenizer=self.tokenizer)
+        return self.encode(code.text), self.encode(code.response_prefix)
+
+
+def load_policy(model_dir: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu") -> Policy:
+    """Our `CausalLM` and the directory's tokenizer (see the module docstring)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist")
+    model = CausalLM.from_pretrained(path, dtype=dtype, device=device).eval()
+    from transformers import AutoTokenizer  # the slow import only where a directory needs it
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a missing or malformed tokenizer file: a user-side problem with the directory
+        raise ValueError(f"{path}: cannot load its tokenizer with transformers.AutoTokenizer: "
+                         f"{type(e).__name__}: {e}") from e
+    vocab = model.config.vocab_size
+    eos = model.config.hf.get("eos_token_id")
+    candidates = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])
+    stops = tuple(sorted({t for t in candidates if isinstance(t, int) and 0 <= t < vocab}))
+    if not stops:
+        raise ValueError(f"{path}: neither the tokenizer nor config.json names an eos token id below the vocabulary "
+                         f"size {vocab}: rollouts could only stop at max_new_tokens")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # Models pad their vocabulary past the tokenizer's (Qwen2: 151936 rows, ~151665 tokens): padding ids decode to
+    # nothing and cannot start a fence.
+    return Policy(model=model, encode=encode, decode=decode, stop_token_ids=stops, tokenizer=tokenizer,
+                  fence_vocab_size=min(len(tokenizer), vocab))
