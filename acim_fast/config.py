@@ -1,10 +1,11 @@
 """The one typed configuration of the trainer, and its command line.
 
 `Config` groups its fields by concern; every field carries a help text and is validated in
-`__post_init__` with a `ValueError` naming the field. The command line is derived from the dataclass:
-each field `name` becomes `--name VALUE`, each field of a nested dataclass (e.g. `loss: LossConfig`)
-becomes `--loss.name VALUE`. Presets are plain functions returning a `Config`.
-This module does not run anything.
+`__post_init__` with a `ValueError` naming the field. The phases keep their own typed groups (`estep`,
+`mstep`, `loss`, `eval`), defined next to the code that reads them. The command line is derived from the
+dataclasses: each field `name` becomes `--name VALUE`, each field of a group `--estep.name VALUE`; the
+flags override a preset (`--preset`, plain functions returning a `Config`); `--resume RUN_DIR` reloads a
+run's saved config (`Config.from_dict`, the inverse of `to_dict`). This module does not run anything.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import dataclasses
 import json
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
+from acim_fast.estep import EStepConfig
+from acim_fast.evaluate import EvalOptions
+from acim_fast.mstep import MStepConfig
 from acim_kernels import LossConfig
 
 
@@ -24,26 +29,68 @@ def _opt(default: Any, help: str, group: str) -> Any:
     return field(default=default, metadata={"help": help, "group": group})
 
 
+ALGOS = ("em", "grpo")
+PRESETS = ("default", "smoke")
+
+
 @dataclass(kw_only=True, slots=True)
 class Config:
-    """Everything a run needs. Defaults are the embedded CPU default."""
+    """Everything a run needs. Defaults are the embedded CPU default (`default_preset`)."""
 
     # -- model and data --
-    model: str | None = _opt(None, "Hugging Face checkpoint directory (config.json + *.safetensors); "
-                             "none = the embedded tiny model", "model and data")
-    data: str | None = _opt(None, "training problems, jsonl with 'problem' and 'answer'; "
+    model: str | None = _opt(None, "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
+                             "none = the embedded tiny model, created and warmed up in <out_dir>/warmup",
+                             "model and data")
+    data: str | None = _opt(None, "training problems, jsonl with 'problem' and 'answer' (or hf:<name>...); "
                             "none = the embedded task", "model and data")
+    eval_data: str | None = _opt(None, "held-out problems; none = eval_problems problems split off --data "
+                                 "(or the embedded task's held-out split)", "model and data")
+    device: str = _opt("cpu", "torch device of the model (cpu, cuda, cuda:1 ...)", "model and data")
+    dtype: str | None = _opt(None, "float32 | bfloat16 | float16; none = the checkpoint's", "model and data")
     # -- run --
-    out_dir: str = _opt("runs/default", "where checkpoints, the resolved config and metrics.jsonl go", "run")
-    seed: int = _opt(0, "seed for every random choice of the run", "run")
-    # -- M-step loss (see acim_kernels.LossConfig for each field) --
-    loss: LossConfig = field(default_factory=LossConfig, metadata={"group": "loss"})
+    out_dir: str = _opt("runs/default", "run directory: config.json, metrics.jsonl, report.png, checkpoints/",
+                        "run")
+    seed: int = _opt(0, "seed of every random choice of the run (warm-up data, rollouts, shuffles)", "run")
+    algo: str = _opt("em", "em: AutoCode's EM (E-step exploration + off-policy M-step); grpo: the on-policy "
+                     "baseline at the same rollout budget (unguided samples, ppo objective, no decision loss)",
+                     "run")
+    iterations: int = _opt(6, "EM iterations (E-step, M-step, evaluation, checkpoint)", "run")
+    problems_per_iter: int = _opt(64, "problems explored per iteration (a deterministic walk through the "
+                                  "shuffled training set)", "run")
+    eval_problems: int = _opt(96, "held-out problems evaluated after every iteration", "run")
+    warmup_steps: int = _opt(1200, "warm-up SFT steps of the embedded tiny model (ignored with --model)", "run")
+    # -- the phases (see each class for its fields) --
+    estep: EStepConfig = field(default_factory=EStepConfig, metadata={"group": "estep"})
+    mstep: MStepConfig = field(default_factory=MStepConfig, metadata={"group": "mstep"})
+    loss: LossConfig = field(default_factory=lambda: LossConfig(objective="clip", sft_coef=1.0),
+                             metadata={"group": "loss"})
+    eval: EvalOptions = field(default_factory=lambda: EvalOptions(
+        k=4, max_new_tokens=200, max_code_calls=2, max_tool_tokens=64, sandbox_timeout_s=5.0, max_num_seqs=256),
+        metadata={"group": "eval"})
 
     def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"Config.seed must be >= 0, got {self.seed}")
+        for name, minimum in (("seed", 0), ("iterations", 0), ("problems_per_iter", 1), ("eval_problems", 1),
+                              ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"Config.{name} must be an int >= {minimum}, got {value!r}")
         if not self.out_dir:
             raise ValueError("Config.out_dir must not be empty")
+        if self.algo not in ALGOS:
+            raise ValueError(f"Config.algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"Config.dtype must be float32, bfloat16, float16 or none, got {self.dtype!r}")
+        if self.loss.temperature != self.estep.temperature:
+            # The sampler's behaviour log-probs are the raw model at the sampling temperature; the loss must score
+            # the policy at the same one or every ratio is off by the temperature change.
+            raise ValueError(f"Config.loss.temperature ({self.loss.temperature}) must equal "
+                             f"Config.estep.temperature ({self.estep.temperature})")
+
+    def effective_loss(self) -> LossConfig:
+        """The M-step's loss: `loss` for em; for grpo its definition, the ppo objective with no decision loss."""
+        if self.algo == "grpo":
+            return dataclasses.replace(self.loss, objective="ppo", sft_coef=0.0)
+        return self.loss
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,10 +98,53 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> Config:
+        """The inverse of `to_dict`; an unknown or ill-typed field raises ValueError naming it and `where`."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in hints:
+                raise ValueError(f"{where}: unknown field {name!r}")
+            kind = hints[name]
+            if dataclasses.is_dataclass(kind):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{where}: field {name!r} must be an object")
+                known = {f.name: f for f in dataclasses.fields(kind)}
+                unknown = sorted(set(value) - set(known))
+                if unknown:
+                    raise ValueError(f"{where}: unknown field(s) {[f'{name}.{u}' for u in unknown]}")
+                # JSON has no tuples: give tuple-typed fields (e.g. betas) their type back.
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                try:
+                    value = kind(**value)
+                except TypeError as e:
+                    raise ValueError(f"{where}: field {name!r}: {e}") from None
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
 
 def default_preset() -> Config:
-    """The embedded default: the tiny built-in model on the built-in task, on CPU."""
+    """The embedded default: the tiny built-in model, warmed up, then EM on the built-in task, on CPU (~7 min on
+    2 cores)."""
     return Config()
+
+
+def smoke_preset() -> Config:
+    """A reduced default for CI and quick checks: 2 small iterations (seconds each on 2 cores, given a warm model)."""
+    return Config(out_dir="runs/smoke", iterations=2, problems_per_iter=8, eval_problems=8,
+                  estep=EStepConfig(k_code=4, k_prose=4, k_free=2, fork_cap=2, buffer_per_problem=4),
+                  mstep=MStepConfig(epochs=1, samples_per_step=16, warmup_steps=1),
+                  eval=EvalOptions(k=2, max_new_tokens=200, max_code_calls=2, max_tool_tokens=64,
+                                   sandbox_timeout_s=5.0, max_num_seqs=256))
+
+
+PRESET_FUNCTIONS = {"default": default_preset, "smoke": smoke_preset}
 
 
 def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
@@ -94,9 +184,15 @@ def _parser_for(kind: Any):
 
 
 def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentParser:
+    """The command line: `--preset`, `--resume` and one flag per leaf field (`--estep.k_code 4`). Field flags have
+    no argparse default (what was not given is absent from the namespace); `--help` shows the default preset's."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train a math LM with AutoCode (EM over the decision to write code).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=prog, description="Train a math LM with AutoCode (EM over the decision to write code).")
+    parser.add_argument("--preset", choices=PRESETS, default="default",
+                        help="the defaults the flags override: default (the embedded ~7 min CPU run) | smoke (CI)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue RUN_DIR from its last checkpoint with its saved config and data order "
+                             "(no other flag may be given)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = default_preset()
     for name, f, kind in _leaf_fields(Config):
@@ -105,30 +201,38 @@ def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentPars
         default: Any = defaults
         for part in name.split("."):
             default = getattr(default, part)
-        group.add_argument(f"--{name}", dest=name, type=_parser_for(kind), default=default,
+        group.add_argument(f"--{name}", dest=name, type=_parser_for(kind), default=argparse.SUPPRESS,
                            metavar=getattr(typing.get_args(kind)[0] if typing.get_args(kind) else kind,
                                            "__name__", "VALUE").upper(),
-                           help=f.metadata.get("help", ""))
+                           help=f"{f.metadata.get('help', '')} (default: {default})")
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Build a Config from command-line flags; invalid values exit with the field named."""
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
+    """(the Config of the command line, the run directory to resume or None). A flag that sets an invalid value
+    exits with the field named."""
     parser = build_parser()
     namespace = vars(parser.parse_args(argv))
-    nested: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
+    preset, resume = namespace.pop("preset"), namespace.pop("resume")
+    if resume is not None:
+        if namespace or preset != "default":
+            parser.error(f"--resume takes the saved config of the run as it is; drop "
+                         f"{' '.join('--' + k for k in namespace) or '--preset'}")
+        path = Path(resume) / "config.json"
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--resume {resume}: cannot read {path}: {e}")
+        return Config.from_dict(values, where=str(path)), Path(resume)
+    values = PRESET_FUNCTIONS[preset]().to_dict()
     for name, value in namespace.items():
-        if "." in name:
-            outer, inner = name.split(".", 1)
-            nested.setdefault(outer, {})[inner] = value
+        outer, _, inner = name.partition(".")
+        if inner:
+            values[outer][inner] = value
         else:
-            top[name] = value
-    hints = typing.get_type_hints(Config)
+            values[outer] = value
     try:
-        for outer, values in nested.items():
-            top[outer] = hints[outer](**values)
-        return Config(**top)
+        return Config.from_dict(values, where="command line"), None
     except ValueError as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits

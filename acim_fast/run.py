@@ -1,29 +1,223 @@
-"""The one entry point: `python -m acim_fast.run [--field value ...]` (see `--help`).
+"""The one entry point: `python -m acim_fast.run [--preset P] [--field value ...] | --resume RUN_DIR` (see `--help`).
 
-It resolves the configuration (defaults: the embedded tiny model on the built-in task) and runs the
-AutoCode EM loop. The EM loop is not built yet: until it is, this prints the resolved configuration,
-says plainly what is missing, trains nothing and exits with status 3.
+What it does (`train`):
+1. The run directory (`--out_dir`): a fresh run refuses a directory that already holds checkpoints (resume it, or
+   pick another); the resolved config is printed and saved as config.json.
+2. The model: `--model DIR`, or the embedded tiny model created and warmed up (`acim_fast.sft.warm_up`,
+   `--warmup_steps`) in RUN/warmup, written to a temporary directory and renamed, so a killed warm-up restarts clean.
+3. The problems: `--data` (training) and `--eval_data` (held out), or `--eval_problems` split off `--data`
+   (`data.split`), or the embedded task's train and held-out splits. The held-out set does not depend on `--seed`, so
+   runs of different seeds are scored on the same problems. Iteration i explores the next `--problems_per_iter`
+   problems of the training set shuffled per epoch (`data.shuffle`): a pure function of the seed and i.
+4. Iteration 0 evaluates the starting model; each iteration i >= 1 runs the E-step (`estep.explore`), the M-step
+   (`mstep.MStep.train`: the model is trained in place, and the next E-step's engine reads the same module, which is
+   the weight sync of a single process) and the evaluation (`evaluate.evaluate`), then appends one line of metrics
+   to RUN/metrics.jsonl (and prints it) and writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.checkpoint`:
+   the HF-format model and tokenizer, the optimiser state, the evaluation report).
+5. At the end: RUN/report.png (`acim_fast.report`) and a summary table.
+
+`--resume RUN_DIR` reloads RUN_DIR/config.json, drops the temporary directories of an interrupted save, restarts
+after the newest complete checkpoint (its weights and optimiser state), keeps the metrics lines up to it and goes on
+with the same data order and seeds: a run killed at any moment resumes without losing a finished iteration.
+
+What it does not do: multi-process training (the distributed loop), or choose hyper-parameters (see `--help`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import shutil
 import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
 
-from .config import parse_args
+import tqdm
 
-NOT_AVAILABLE = """\
-acim_fast: training is not available yet - nothing was trained.
-Built so far: the fused off-policy loss (acim_kernels), the Llama/Qwen2 decoder, the paged sampler with
-copy-on-write forking, the code sandbox, the answer verifier, the tool-integrated rollout loop, the embedded
-task with its tiny model and warm-up SFT (acim_fast.sft.warm_up), and `python -m acim_fast.evaluate`.
-Still missing before `python -m acim_fast.run` can train: the EM loop (E-step exploration, M-step updates)."""
+from acim_fast import checkpoint
+from acim_fast.atomic import atomic_write
+from acim_fast.config import Config, parse_args
+from acim_fast.data import Problem, load_problems, shuffle, split
+from acim_fast.estep import explore
+from acim_fast.evaluate import Report, evaluate
+from acim_fast.mstep import MStep
+from acim_fast.policy import load_policy
+from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
+from acim_fast.sandbox import Sandbox, SandboxOptions
+from acim_fast.sft import SFTConfig, warm_up
+from acim_fast.task import generate
+from acim_fast.tiny import create_tiny
+
+EVAL_SEED = 0  # the embedded task's held-out draw: fixed, so every seed is scored on the same problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(f"resolved config:\n{config.to_json()}")
-    print(NOT_AVAILABLE, file=sys.stderr)
-    return 3
+    config, resume = parse_args(argv)
+    train(config, resume_dir=resume)
+    return 0
+
+
+def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring)."""
+    run_dir = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
+    if resume_dir is None:
+        if checkpoint.latest(run_dir) is not None:
+            raise ValueError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or choose "
+                             f"another --out_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json(), encoding="utf-8"))
+    log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
+    train_set, held_out = problems_of(config)
+    checkpoint.clean(run_dir)
+    last = checkpoint.latest(run_dir)
+    start = base_model(config, run_dir, log) if last is None else last
+    policy = load_policy(start, dtype=config.dtype, device=config.device)
+    mstep = MStep(policy.model, config.mstep, total_steps=planned_steps(config))
+    records: list[dict[str, Any]] = []
+    first = 0
+    if last is not None:
+        first = checkpoint.iteration_of(last) + 1
+        mstep.load_state_dict(checkpoint.load_trainer_state(last)["mstep"])
+        records = [r for r in read_metrics(run_dir) if r["iteration"] < first]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        log(f"resuming after {last} (iteration {first - 1})")
+    elif (run_dir / METRICS_FILE).exists():
+        (run_dir / METRICS_FILE).unlink()  # lines of a run that died before its first checkpoint
+    elapsed = records[-1]["time_s"] if records else 0.0
+    began = time.monotonic()
+    with Sandbox(SandboxOptions(timeout_s=config.estep.sandbox_timeout_s)) as explore_box, \
+            Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s)) as eval_box:
+        bar = tqdm.tqdm(range(first, config.iterations + 1), desc="EM iterations", disable=not sys.stderr.isatty())
+        for it in bar:
+            record: dict[str, Any] = {"iteration": it, "algo": config.algo, "seed": config.seed}
+            if it > 0:
+                batch = iteration_problems(train_set, config, it)
+                result = explore(policy, batch, config.estep, algo=config.algo, sandbox=explore_box,
+                                 seed=config.seed, iteration=it)
+                record.update(result.metrics)
+                record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
+            report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box,
+                              meta={"iteration": it, "run": str(run_dir)})
+            record.update(eval_metrics(report))
+            record["time_s"] = elapsed + time.monotonic() - began
+            records.append(record)
+            _append_line(run_dir / METRICS_FILE, record)
+            checkpoint.save(run_dir, it, policy, {"mstep": mstep.state_dict(), "iteration": it},
+                            files={"eval.json": report.to_json()})
+            log(format_line(record))
+    plot({f"{config.algo} seed {config.seed}": records}, run_dir / "report.png")
+    log(summary_table(records))
+    log(f"wrote {run_dir / METRICS_FILE}, {run_dir / 'report.png'}, {run_dir / 'checkpoints'}")
+    return records
+
+
+# -- the pieces --
+
+def base_model(config: Config, run_dir: Path, log: Callable[[str], None]) -> Path:
+    """`--model`, or the embedded tiny model warmed up in RUN/warmup (made once: a complete directory is reused)."""
+    if config.model is not None:
+        path = Path(config.model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {path}: no config.json there (a Hugging Face checkpoint directory is needed)")
+        return path
+    final = run_dir / "warmup"
+    if final.is_dir():
+        return final
+    tmp = run_dir / ".warmup.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    began = time.monotonic()
+    if config.warmup_steps == 0:
+        create_tiny(tmp)
+    else:
+        log(f"warming up the embedded tiny model ({config.warmup_steps} SFT steps)...")
+        bar = tqdm.tqdm(total=config.warmup_steps, desc="warm-up SFT", disable=not sys.stderr.isatty())
+        losses = warm_up(tmp, config=SFTConfig(steps=config.warmup_steps, seed=config.seed),
+                         log=lambda step, loss: bar.update(1))
+        bar.close()
+        log(f"warm-up: {config.warmup_steps} steps in {time.monotonic() - began:.0f} s, final loss {losses[-1]:.3f}")
+    tmp.rename(final)
+    return final
+
+
+def problems_of(config: Config) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out problems); see the module docstring."""
+    if config.data is None:
+        train_set = [p.to_problem() for p in generate(max(config.problems_per_iter * config.iterations, 1),
+                                                      seed=config.seed, split="train")]
+    else:
+        train_set = load_problems(config.data)
+    if config.eval_data is not None:
+        held_out = load_problems(config.eval_data)[:config.eval_problems]
+    elif config.data is None:
+        held_out = [p.to_problem() for p in generate(config.eval_problems, seed=EVAL_SEED, split="eval",
+                                                    unique=True)]
+    else:
+        if config.eval_problems >= len(train_set):
+            raise ValueError(f"--eval_problems {config.eval_problems} would hold out all {len(train_set)} problems "
+                             f"of {config.data}: lower it or pass --eval_data")
+        train_set, held_out = split(train_set, config.eval_problems / len(train_set), seed=EVAL_SEED)
+    if not train_set or not held_out:
+        raise ValueError(f"no {'training' if not train_set else 'held-out'} problems")
+    return train_set, held_out
+
+
+def iteration_problems(train_set: list[Problem], config: Config, iteration: int) -> list[Problem]:
+    """The problems of `iteration` (>= 1): the next problems_per_iter of the per-epoch shuffled training set."""
+    n = len(train_set)
+    orders: dict[int, list[Problem]] = {}
+    out = []
+    for g in range((iteration - 1) * config.problems_per_iter, iteration * config.problems_per_iter):
+        epoch = g // n
+        if epoch not in orders:
+            orders[epoch] = shuffle(train_set, config.seed, epoch)
+        out.append(orders[epoch][g % n])
+    return out
+
+
+def planned_steps(config: Config) -> int:
+    """Optimiser steps of the whole run (the schedule's length): the buffer is at most this large."""
+    e = config.estep
+    per_problem = e.buffer_per_problem if config.algo == "em" else e.k_code + e.k_prose + e.k_free
+    per_iteration = config.mstep.epochs * math.ceil(config.problems_per_iter * per_problem
+                                                    / config.mstep.samples_per_step)
+    return max(1, config.iterations * per_iteration)
+
+
+def eval_metrics(report: Report) -> dict[str, Any]:
+    s = report.overall
+    return {"eval/pass_at_1": s.pass_at_1, "eval/code_use_rate": s.code_use_rate,
+            "eval/selection_accuracy": s.selection_accuracy, "eval/code_success": s.code_success,
+            "eval/prose_success": s.prose_success, "eval/labelled": s.labelled}
+
+
+def format_line(r: dict[str, Any]) -> str:
+    """One fixed ` | `-separated line per iteration."""
+    def f(key: str, fmt: str = ".3f") -> str:
+        value = r.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    return (f"iter {r['iteration']} | pass@1 {f('eval/pass_at_1')} | code use {f('eval/code_use_rate')} | "
+            f"sel acc {f('eval/selection_accuracy')} | reward {f('estep/reward_mean')} | "
+            f"buffer {f('estep/buffer', 'd')} | loss {f('mstep/loss', '.4f')} | clip {f('mstep/clip_frac')} | "
+            f"{r['time_s']:.0f} s")
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk (a checkpoint written next never has its line missing)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 if __name__ == "__main__":

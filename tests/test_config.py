@@ -1,25 +1,39 @@
-"""The typed Config, its command line, and the entry point's honesty about what it cannot do yet."""
+"""The typed Config: presets, its command line, --resume, and the JSON round trip a resumed run relies on."""
 
 import json
 
 import pytest
 
-from acim_fast.config import Config, default_preset, parse_args
-from acim_fast.run import main
+from acim_fast.config import Config, default_preset, parse_args, smoke_preset
 from acim_kernels import LossConfig
 
 
 def test_defaults_round_trip_through_json():
     config = default_preset()
-    assert json.loads(config.to_json())["loss"]["objective"] == "ppo"
+    values = json.loads(config.to_json())
+    assert values["loss"]["objective"] == "clip" and values["algo"] == "em"
+    assert Config.from_dict(values) == config
+    assert Config.from_dict(json.loads(smoke_preset().to_json())) == smoke_preset()
 
 
 def test_cli_overrides_top_level_and_nested_fields():
-    config = parse_args(["--seed", "7", "--loss.eps_high", "0.28", "--loss.dual_clip", "3",
-                         "--loss.return_entropy", "true", "--model", "/ckpt"])
-    assert config.seed == 7 and config.model == "/ckpt"
-    assert config.loss == LossConfig(eps_high=0.28, dual_clip=3.0, return_entropy=True)
-    assert parse_args(["--loss.dual_clip", "none"]).loss.dual_clip is None
+    config, resume = parse_args(["--seed", "7", "--loss.eps_high", "0.28", "--loss.dual_clip", "3",
+                                 "--loss.return_entropy", "true", "--model", "/ckpt", "--estep.k_code", "3",
+                                 "--mstep.lr", "0.001", "--eval.k", "2"])
+    assert resume is None and config.seed == 7 and config.model == "/ckpt"
+    assert config.loss == LossConfig(objective="clip", sft_coef=1.0, eps_high=0.28, dual_clip=3.0,
+                                     return_entropy=True)
+    assert config.estep.k_code == 3 and config.mstep.lr == 0.001 and config.eval.k == 2
+    assert config.estep.k_prose == default_preset().estep.k_prose  # untouched fields keep the preset's
+    assert parse_args(["--loss.dual_clip", "none"])[0].loss.dual_clip is None
+    smoke, _ = parse_args(["--preset", "smoke", "--iterations", "3"])
+    assert smoke.iterations == 3 and smoke.problems_per_iter == smoke_preset().problems_per_iter
+
+
+def test_grpo_is_one_flag_and_defines_its_own_loss():
+    config, _ = parse_args(["--algo", "grpo"])
+    assert config.loss.objective == "clip"  # as given ...
+    assert config.effective_loss() == LossConfig(objective="ppo", sft_coef=0.0)  # ... the baseline's definition
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -27,7 +41,11 @@ def test_cli_overrides_top_level_and_nested_fields():
     (["--seed", "-1"], "Config.seed"),
     (["--loss.objective", "grpo"], "LossConfig.objective"),
     (["--loss.return_entropy", "maybe"], "expected true/false"),
+    (["--estep.k_free", "0"], "EStepConfig.k_free"),
+    (["--algo", "ppo"], "Config.algo"),
+    (["--estep.temperature", "0.7"], "Config.loss.temperature (1.0) must equal Config.estep.temperature (0.7)"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
+    (["--resume", "runs/x", "--seed", "1"], "--resume takes the saved config of the run as it is; drop --seed"),
 ])
 def test_bad_values_exit_naming_the_field(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
@@ -36,13 +54,22 @@ def test_bad_values_exit_naming_the_field(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_resume_reads_the_saved_config(tmp_path, capsys):
+    config = smoke_preset()
+    (tmp_path / "config.json").write_text(config.to_json())
+    assert parse_args(["--resume", str(tmp_path)]) == (config, tmp_path)
+    (tmp_path / "config.json").write_text('{"seed": 1, "estep": {"k_cod": 2}}')
+    with pytest.raises(ValueError, match=r"config.json: unknown field\(s\) \['estep.k_cod'\]"):
+        parse_args(["--resume", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path / "missing")])
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_config_validates_in_post_init():
     with pytest.raises(ValueError, match="Config.out_dir"):
         Config(out_dir="")
-
-
-def test_run_says_plainly_that_training_is_not_available(capsys):
-    assert main([]) == 3
-    captured = capsys.readouterr()
-    assert "nothing was trained" in captured.err
-    assert json.loads(captured.out.split("\n", 1)[1])["seed"] == 0
+    with pytest.raises(ValueError, match="Config.dtype"):
+        Config(dtype="fp8")
+    with pytest.raises(ValueError, match="where: unknown field 'sed'"):
+        Config.from_dict({"sed": 1}, where="where")

@@ -168,3 +168,20 @@ def test_measure_regions_runs_every_mode_through_the_rollout_loop(tmp_path):
     table = format_regions(rows)
     assert table.splitlines()[0].split()[:5] == ["family", "level", "autonomous", "code", "prose"]
     assert len(table.splitlines()) == 3
+
+
+def test_default_warm_up_lifts_held_out_accuracy_above_chance_in_both_forced_modes(warm_model, tmp_path):
+    """The default warm-up (1200 steps, ~1.5 min on 2 cores) against the untrained model, on 48 held-out problems,
+    4 samples per forced decision. Measured 2026-11-29 (2-core EPYC): untrained 0.00 / 0.00; warm-up seed 0: code
+    0.84, prose 0.19; seed 1: code 0.90, prose 0.25. The thresholds are about half the worse seed."""
+    from acim_fast.evaluate import evaluate
+
+    held_out = [p.to_problem() for p in generate(48, seed=0, split="eval", unique=True)]
+    options = dict(k=4, max_new_tokens=200, max_code_calls=2, max_tool_tokens=64, sandbox_timeout_s=5.0,
+                   max_num_seqs=256)
+    fresh = evaluate(create_tiny(tmp_path / "fresh"), held_out, **options).overall
+    warm = evaluate(warm_model, held_out, **options).overall
+    print(f"untrained: code {fresh.code_success:.2f} prose {fresh.prose_success:.2f}; "
+          f"warmed up: code {warm.code_success:.2f} prose {warm.prose_success:.2f}")
+    assert fresh.code_success == 0.0 and fresh.prose_success == 0.0  # chance on exact answers
+    assert warm.code_success >= 0.5 and warm.prose_success >= 0.08

@@ -1,0 +1,231 @@
+"""The M-step: off-policy updates of the model on the E-step's buffer, with the fused loss of `acim_kernels`.
+
+What it does:
+- `MStep` owns the optimiser (AdamW, decay on matrices only) and the learning-rate schedule (linear warm-up, then
+  cosine to `min_lr_ratio` over `total_steps` optimiser steps of the whole run), so both carry across EM iterations
+  and are checkpointed (`state_dict` / `load_state_dict`).
+- `MStep.train(samples, loss, seed=...)`: `epochs` passes over the samples in a seeded shuffled order, `samples_per_step`
+  samples per optimiser step. A step's samples are packed (`acim_fast.packing`) into micro-batches of at most
+  `micro_batch_tokens` rows, each through the dense path (`CausalLM.forward_hidden`) and `acim_kernels.policy_loss`
+  (per token: the sample's advantage, its behaviour log-prob as `old_logp`, its loss mask, its decision mask as
+  `sft_mask`), gradients accumulated with the step's global normaliser (its valid tokens, or sequences for
+  `seq_mean_token_mean`), so a step's loss does not depend on how it was cut into micro-batches. Then gradient
+  clipping (`grad_clip`, 0 = off) and the optimiser step. A step whose loss or gradient norm is not finite is
+  skipped (gradients dropped, the schedule does not advance) and counted in the metrics.
+- `recompute_logprobs(model, samples, ...)`: each sample's response log-probs under the training forward (no
+  gradient), at the loss temperature. `behaviour_gap` compares them with the sampler's: the largest and mean absolute
+  gap over trained tokens of samples whose context the sampler saw unchanged (a forced prefix cut out changes the
+  context on purpose). With `behaviour="recompute"` the M-step uses them as `old_logp` (ratio 1 at the first step,
+  PPO's usual choice); with "sampler" (default) it uses the sampler's, which makes forced-prefix samples truly
+  off-policy.
+
+What it does not do: sample, sync weights into a separate inference copy (in one process the sampler reads this very
+module; multi-process gathering belongs to the distributed loop), or checkpoint files (run.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from acim_fast.estep import Sample
+from acim_fast.model import CausalLM
+from acim_fast.optim import adamw, lr_factor
+from acim_fast.packing import Pack, Row, pack
+from acim_kernels import LossConfig, policy_loss
+
+BEHAVIOURS = ("sampler", "recompute")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True, slots=True)
+class MStepConfig:
+    """How the M-step trains on a buffer (see the module docstring)."""
+
+    epochs: int = _opt(2, "passes over the buffer per EM iteration")
+    lr: float = _opt(1e-4, "peak learning rate")
+    warmup_steps: int = _opt(4, "optimiser steps of linear learning-rate warm-up")
+    min_lr_ratio: float = _opt(0.1, "the cosine decays to lr * this at the run's last step")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "max global gradient norm; 0 = off")
+    samples_per_step: int = _opt(64, "samples per optimiser step")
+    micro_batch_tokens: int = _opt(8192, "rows (tokens) per micro-batch; a sample longer than this is an error")
+    behaviour: str = _opt("sampler", "old_logp of the ratio: sampler (behaviour log-probs) | recompute (training "
+                          "forward before the first update)")
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("epochs", 1), ("warmup_steps", 0), ("samples_per_step", 1),
+                              ("micro_batch_tokens", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"MStepConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if not self.lr >= 0:  # 0 is allowed: a step that changes nothing (ratio checks)
+            raise ValueError(f"MStepConfig.lr must be >= 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"MStepConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"MStepConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"MStepConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"MStepConfig.behaviour must be one of {BEHAVIOURS}, got {self.behaviour!r}")
+
+
+def _rows(samples: Sequence[Sample], old_logps: Sequence[Sequence[float]]) -> list[Row]:
+    """Packing rows: the prompt's tokens carry zeros; response values sit on their own tokens."""
+    rows = []
+    for s, old in zip(samples, old_logps):
+        pad = [0.0] * len(s.prompt_ids)
+        rows.append(Row(s.ids, {"loss_mask": pad + [float(m) for m in s.loss_mask],
+                                "old_logp": pad + list(old),
+                                "advantage": pad + [s.advantage] * len(s.response_ids),
+                                "decision": pad + [float(m) for m in s.decision_mask]}))
+    return rows
+
+
+def _check(samples: Sequence[Sample], micro_batch_tokens: int) -> None:
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        if not (len(s.behaviour_logprobs) == len(s.loss_mask) == len(s.decision_mask) == n) or not s.prompt_ids:
+            raise ValueError(f"samples[{i}]: prompt_ids must be non-empty and the response lists aligned "
+                             f"({n} response tokens)")
+        if len(s.ids) - 1 > micro_batch_tokens:
+            raise ValueError(f"samples[{i}] has {len(s.ids)} tokens: raise MStepConfig.micro_batch_tokens "
+                             f"({micro_batch_tokens}) to at least {len(s.ids) - 1}")
+
+
+def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float):
+    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens.to(model.device))
+    v = {k: t.to(model.device) for k, t in p.values.items()}
+    return policy_loss(hidden, model.lm_head_weight, p.targets.to(model.device), old_logp=v["old_logp"],
+                       advantages=v["advantage"], loss_mask=v["loss_mask"], sft_mask=v["decision"],
+                       seq_ids=p.seq_ids().to(model.device), config=loss, normalizer=normalizer)
+
+
+@torch.no_grad()
+def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperature: float = 1.0,
+                       micro_batch_tokens: int = 8192) -> list[list[float]]:
+    """Each sample's response log-probs under the training forward (fp32), at `temperature`; 0.0 on tokens outside the
+    loss mask, as in the sampler's behaviour log-probs."""
+    _check(samples, micro_batch_tokens)
+    out: list[list[float]] = [[] for _ in samples]
+    was_training = model.training
+    model.eval()
+    config = LossConfig(temperature=temperature)
+    for p in pack(_rows(samples, [s.behaviour_logprobs for s in samples]), micro_batch_tokens):
+        logp = _loss(model, p, config, 1.0).logp.cpu()
+        for j, row in enumerate(p.rows):
+            s = samples[row]
+            # Rows of a sequence start at cu_seqlens[j]; its response tokens are the last len(response) targets.
+            end = int(p.cu_seqlens[j + 1])
+            out[row] = logp[end - len(s.response_ids):end].tolist()
+    model.train(was_training)
+    return out
+
+
+def behaviour_gap(samples: Sequence[Sample], recomputed: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Largest and mean |sampler - training forward| log-prob gap over trained tokens of samples whose context the
+    sampler saw unchanged; nan when there are none."""
+    gaps = [abs(a - b) for s, r in zip(samples, recomputed) if not s.off_context
+            for a, b, m in zip(s.behaviour_logprobs, r, s.loss_mask) if m]
+    if not gaps:
+        return {"mstep/behaviour_gap_max": float("nan"), "mstep/behaviour_gap_mean": float("nan")}
+    return {"mstep/behaviour_gap_max": max(gaps), "mstep/behaviour_gap_mean": sum(gaps) / len(gaps)}
+
+
+class MStep:
+    """The optimiser and schedule of a run; `train` does one M-step (see the module docstring)."""
+
+    def __init__(self, model: CausalLM, cfg: MStepConfig, *, total_steps: int):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.optimizer = adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio))
+        self.steps = 0  # optimiser steps taken (skipped ones excluded)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+
+    def train(self, samples: Sequence[Sample], loss: LossConfig, *, seed: int = 0) -> dict[str, float]:
+        """One M-step over `samples`; returns its metrics (means over steps, token-weighted within a step)."""
+        cfg = self.cfg
+        samples = list(samples)
+        _check(samples, cfg.micro_batch_tokens)
+        metrics: dict[str, float] = {"mstep/steps": 0, "mstep/skipped": 0, "mstep/samples": len(samples)}
+        if not samples:
+            return metrics
+        recomputed = recompute_logprobs(self.model, samples, temperature=loss.temperature,
+                                        micro_batch_tokens=cfg.micro_batch_tokens)
+        metrics.update(behaviour_gap(samples, recomputed))
+        old = recomputed if cfg.behaviour == "recompute" else [s.behaviour_logprobs for s in samples]
+        self.model.train()
+        sums: dict[str, float] = {}
+        for epoch in range(cfg.epochs):
+            order = list(range(len(samples)))
+            random.Random(f"mstep/{seed}/{epoch}").shuffle(order)
+            for start in range(0, len(order), cfg.samples_per_step):
+                batch = order[start:start + cfg.samples_per_step]
+                step = self._step([samples[i] for i in batch], [old[i] for i in batch], loss)
+                if step is None:
+                    metrics["mstep/skipped"] += 1
+                    continue
+                metrics["mstep/steps"] += 1
+                for k, v in step.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        for k, v in sums.items():
+            metrics[k] = v / max(1, metrics["mstep/steps"])
+        metrics["mstep/lr"] = self.scheduler.get_last_lr()[0]
+        self.model.eval()
+        return metrics
+
+    def _step(self, samples: list[Sample], old: list[Sequence[float]], loss: LossConfig) -> dict[str, float] | None:
+        rows = _rows(samples, old)
+        per_sequence = loss.aggregation == "seq_mean_token_mean"
+        normalizer = float(sum(1 for s in samples if any(s.loss_mask)) if per_sequence
+                           else sum(sum(s.loss_mask) for s in samples))
+        self.optimizer.zero_grad(set_to_none=True)
+        if normalizer == 0:
+            return None
+        total, weighted, tokens = 0.0, {}, 0.0
+        for p in pack(rows, self.cfg.micro_batch_tokens):
+            out = _loss(self.model, p, loss, normalizer)
+            out.loss.backward()
+            total += out.loss.item()
+            n = float(p.values["loss_mask"].sum())
+            tokens += n
+            for k, v in out.metrics.items():
+                if k != "num_valid_tokens":
+                    weighted[k] = weighted.get(k, 0.0) + float(v) * n
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
+        if not (math.isfinite(total) and math.isfinite(float(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps += 1
+        metrics = {f"mstep/{k}": v / max(tokens, 1.0) for k, v in weighted.items()}
+        metrics.update({"mstep/loss": total, "mstep/grad_norm": float(norm),
+                        "mstep/clip_frac": metrics["mstep/clip_frac_low"] + metrics["mstep/clip_frac_high"]})
+        return metrics

@@ -1,0 +1,171 @@
+"""acim_fast.mstep: the M-step loss against a hand computation on dense logits, micro-batch invariance, the NaN
+guard, tool tokens kept out of the loss, recomputed log-probs, and the optimiser state round trip."""
+
+import copy
+from dataclasses import replace
+import math
+import random
+
+import pytest
+import torch
+
+from acim_fast.estep import Sample
+from acim_fast.mstep import MStep, MStepConfig, behaviour_gap, recompute_logprobs
+from acim_fast.tiny import TinyConfig, build_model, build_tokenizer
+from acim_kernels import LossConfig
+
+SMALL = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,
+                   max_position_embeddings=512, seed=0)
+LOSS = LossConfig(objective="clip", sft_coef=0.5, eps_low=0.2, eps_high=0.2)
+
+
+@pytest.fixture()
+def model():
+    return build_model(SMALL, build_tokenizer())
+
+
+def _samples(n=6, seed=0, vocab=90):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 8))]
+        length = rng.randint(4, 12)
+        response = [rng.randrange(3, vocab) for _ in range(length)]
+        mask = [1] * length
+        if length > 6:  # a tool-output block in the middle
+            mask[3:5] = [0, 0]
+        decision = [0] * length
+        decision[0] = 1
+        out.append(Sample(problem=i, origin="free", decision="code" if i % 2 else "prose", prompt_ids=prompt,
+                          response_ids=response, behaviour_logprobs=[rng.uniform(-6, -3) for _ in range(length)],
+                          loss_mask=mask, decision_mask=decision, reward=float(i % 2),
+                          advantage=rng.choice([-1.0, 0.5, 1.0]), off_context=False))
+    return out
+
+
+def _dense_logp(model, s):
+    with torch.no_grad():
+        logits = model(torch.tensor(s.ids)).float()
+    logp = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(s.ids[1:])[:, None])[:, 0]
+    return logp[len(s.prompt_ids) - 1:]  # the response tokens'
+
+
+def test_loss_equals_the_hand_computation_on_dense_logits(model):
+    samples = _samples()
+    total, n = 0.0, 0
+    for s in samples:
+        logp = _dense_logp(model, s)
+        for j, lp in enumerate(logp.tolist()):
+            if not s.loss_mask[j]:
+                continue
+            r = math.exp(lp - s.behaviour_logprobs[j])
+            total += -min(max(r, 0.8), 1.2) * s.advantage + LOSS.sft_coef * s.decision_mask[j] * -lp
+            n += 1
+    trainer = MStep(model, MStepConfig(lr=0.0, epochs=1, samples_per_step=len(samples)), total_steps=1)
+    before = copy.deepcopy(model.state_dict())
+    metrics = trainer.train(samples, LOSS)
+    assert metrics["mstep/steps"] == 1 and metrics["mstep/skipped"] == 0
+    assert metrics["mstep/loss"] == pytest.approx(total / n, rel=1e-5, abs=1e-6)
+    for k, v in model.state_dict().items():  # lr 0: nothing moves
+        assert torch.equal(v, before[k]), k
+
+
+def test_tool_tokens_never_reach_the_loss(model):
+    samples = _samples()
+    # Change everything about the masked (tool-output) tokens: their ids stay context, so the loss and gradient
+    # may only change through the context they give; their old log-probs and advantages must not matter at all.
+    noisy = [replace(s, behaviour_logprobs=[b if m else 123.0 for b, m in zip(s.behaviour_logprobs, s.loss_mask)])
+             for s in samples]
+    results = []
+    for batch in (samples, noisy):
+        m = copy.deepcopy(model)
+        trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=len(batch), warmup_steps=0),
+                        total_steps=1)
+        results.append((trainer.train(batch, LOSS)["mstep/loss"], m.state_dict()))
+    assert results[0][0] == results[1][0]
+    for k in results[0][1]:
+        assert torch.equal(results[0][1][k], results[1][1][k]), k
+
+
+def test_a_step_does_not_depend_on_its_micro_batches(model):
+    samples = _samples(8, seed=1)
+    longest = max(len(s.ids) for s in samples) - 1
+    results = []
+    for tokens in (10_000, longest):
+        m = copy.deepcopy(model)
+        trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=8, micro_batch_tokens=tokens,
+                                       warmup_steps=0, grad_clip=0.0), total_steps=1)
+        metrics = trainer.train(samples, LOSS)
+        # The step's gradient stays on the parameters; Adam's first update (about lr * sign) would hide it.
+        results.append((metrics["mstep/loss"], {k: p.grad for k, p in m.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-5, atol=1e-8)
+
+
+def test_non_finite_step_is_skipped_and_counted(model):
+    samples = _samples(4)
+    bad = replace(samples[0], advantage=float("nan"))
+    trainer = MStep(model, MStepConfig(lr=1e-2, epochs=1, samples_per_step=1, warmup_steps=0), total_steps=4)
+    before = copy.deepcopy(model.state_dict())
+    metrics = trainer.train([bad], LOSS)
+    assert metrics["mstep/skipped"] == 1 and metrics["mstep/steps"] == 0 and trainer.steps == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    metrics = trainer.train(samples, LOSS)
+    assert metrics["mstep/steps"] == 4 and math.isfinite(metrics["mstep/loss"]) and trainer.steps == 4
+
+
+def test_recomputed_logprobs_match_the_dense_forward_and_the_gap_report(model):
+    samples = _samples(5, seed=2)
+    recomputed = recompute_logprobs(model, samples, micro_batch_tokens=40)
+    assert any(0 in s.loss_mask for s in samples)
+    for s, r in zip(samples, recomputed):
+        # Like the sampler's behaviour log-probs: 0.0 on tokens outside the loss (tool output).
+        mask = torch.tensor(s.loss_mask, dtype=torch.bool)
+        expected = torch.where(mask, _dense_logp(model, s), 0.0)
+        torch.testing.assert_close(torch.tensor(r), expected, rtol=1e-5, atol=1e-5)
+    exact = [replace(s, behaviour_logprobs=r)
+             for s, r in zip(samples, recomputed)]
+    assert behaviour_gap(exact, recomputed)["mstep/behaviour_gap_max"] == 0.0
+    shifted = [replace(s, behaviour_logprobs=[x + 0.25 for x in r]) for s, r in zip(samples, recomputed)]
+    assert behaviour_gap(shifted, recomputed)["mstep/behaviour_gap_max"] == pytest.approx(0.25, abs=1e-6)
+    # Off-context samples (a cut prefix) are left out of the gap: nothing left is nan.
+    off = [replace(s, off_context=True) for s in shifted]
+    assert math.isnan(behaviour_gap(off, recomputed)["mstep/behaviour_gap_max"])
+
+
+def test_recompute_behaviour_starts_at_ratio_one(model):
+    trainer = MStep(model, MStepConfig(lr=0.0, epochs=1, samples_per_step=6, behaviour="recompute"), total_steps=1)
+    metrics = trainer.train(_samples(), LOSS)
+    assert metrics["mstep/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and metrics["mstep/clip_frac"] == 0.0
+
+
+def test_optimiser_state_round_trips(model):
+    samples = _samples()
+    a = MStep(model, MStepConfig(lr=1e-2, epochs=1, samples_per_step=3), total_steps=10)
+    a.train(samples, LOSS)
+    twin = copy.deepcopy(model)
+    b = MStep(twin, MStepConfig(lr=1e-2, epochs=1, samples_per_step=3), total_steps=10)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.steps == a.steps == 2 and b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    a.train(samples, LOSS, seed=1)
+    b.train(samples, LOSS, seed=1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, twin.state_dict()[k]), k
+
+
+def test_samples_that_do_not_fit_are_named(model):
+    trainer = MStep(model, MStepConfig(micro_batch_tokens=8), total_steps=1)
+    with pytest.raises(ValueError, match=r"samples\[0\] has .* tokens: raise MStepConfig.micro_batch_tokens"):
+        trainer.train(_samples(1), LOSS)
+    broken = replace(_samples(1)[0], loss_mask=[1])
+    with pytest.raises(ValueError, match=r"samples\[0\]: .* aligned"):
+        MStep(model, MStepConfig(), total_steps=1).train([broken], LOSS)
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("behaviour", "vllm"), ("beta2", 1.0),
+                                          ("min_lr_ratio", 1.5), ("grad_clip", -1.0), ("micro_batch_tokens", 1)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"MStepConfig.{field}"):
+        MStepConfig(**{field: value})

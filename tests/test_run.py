@@ -1,0 +1,146 @@
+"""python -m acim_fast.run: the reduced preset end to end (files, finite losses, changed weights), the data order,
+the embedded warm-up path, and crash safety: a run killed with SIGKILL resumes to the same result."""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from acim_fast.config import smoke_preset
+from acim_fast.run import iteration_problems, problems_of, train
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer.pt", "eval.json")
+
+
+def _smoke(out_dir, model, **changes):
+    return dataclasses.replace(smoke_preset(), out_dir=str(out_dir), model=None if model is None else str(model),
+                               **changes)
+
+
+def _weights(run_dir, iteration):
+    return load_file(Path(run_dir) / "checkpoints" / f"iter_{iteration:04d}" / "model.safetensors")
+
+
+def test_smoke_run_writes_every_report_file_and_trains(warm_model, tmp_path):
+    out = tmp_path / "run"
+    lines = []
+    records = train(_smoke(out, warm_model), log=lines.append)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for name in ("config.json", "metrics.jsonl", "report.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for it in range(3):
+        for name in FILES:
+            assert (out / "checkpoints" / f"iter_{it:04d}" / name).is_file(), (it, name)
+    assert [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["estep/buffer"] > 0 and r["mstep/steps"] > 0 and r["mstep/skipped"] == 0
+        assert math.isfinite(r["mstep/loss"]) and math.isfinite(r["mstep/grad_norm"])
+        assert 0 <= r["eval/pass_at_1"] <= 1
+    start, end = _weights(out, 0), _weights(out, 2)
+    assert any(not torch.equal(start[k], end[k]) for k in start), "training changed no parameter"
+    assert any(line.startswith("iter 2 | pass@1 ") for line in lines)
+    # The checkpoint is a Hugging Face directory: transformers loads it.
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "iter_0002")
+    hf_state = hf.state_dict()
+    for k, v in end.items():
+        torch.testing.assert_close(hf_state[k], v)
+    with pytest.raises(ValueError, match="already holds checkpoints: continue it with --resume"):
+        train(_smoke(out, warm_model), log=lambda _: None)
+
+
+def test_data_order_is_a_function_of_seed_and_iteration():
+    config = dataclasses.replace(smoke_preset(), problems_per_iter=5)
+    train_set, held_out = problems_of(config)
+    assert not {p.problem for p in train_set} & {p.problem for p in held_out}
+    first = [iteration_problems(train_set, config, i) for i in (1, 2, 3)]
+    assert first == [iteration_problems(train_set, config, i) for i in (1, 2, 3)]
+    # Consecutive iterations walk through the shuffled set: no problem twice within an epoch.
+    ids = [p.id for batch in first for p in batch]
+    assert len(ids) == len(set(ids)) or len(ids) > len(train_set)
+    other = dataclasses.replace(config, seed=1)
+    assert iteration_problems(problems_of(other)[0], other, 1) != first[0]
+    # The held-out set does not depend on the seed: every seed is scored on the same problems.
+    assert problems_of(other)[1] == held_out
+
+
+def test_data_files_and_their_errors(tmp_path):
+    rows = [{"problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(10)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dataclasses.replace(smoke_preset(), data=str(data), eval_problems=3)
+    train_set, held_out = problems_of(config)
+    assert len(train_set) == 7 and len(held_out) == 3
+    with pytest.raises(ValueError, match="would hold out all 10 problems"):
+        problems_of(dataclasses.replace(config, eval_problems=10))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        problems_of(dataclasses.replace(config, data=str(bad)))
+    with pytest.raises(ValueError, match="no config.json"):
+        train(dataclasses.replace(config, model=str(tmp_path), out_dir=str(tmp_path / "r")), log=lambda _: None)
+
+
+def test_embedded_default_creates_and_warms_up_its_model(tmp_path):
+    config = _smoke(tmp_path / "run", None, warmup_steps=3, iterations=1, problems_per_iter=2, eval_problems=2)
+    records = train(config, log=lambda _: None)
+    assert (tmp_path / "run" / "warmup" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / ".warmup.tmp").exists()
+    assert [r["iteration"] for r in records] == [0, 1]
+
+
+def _start(args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "acim_fast.run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc, ready, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_result(warm_model, tmp_path):
+    config = _smoke(tmp_path / "reference", warm_model)
+    train(config, log=lambda _: None)
+    run = tmp_path / "killed"
+    args = ["--preset", "smoke", "--model", str(warm_model), "--out_dir", str(run)]
+    ckpts = run / "checkpoints"
+    # Kill 1: in the middle of iteration 1 (the checkpoint of iteration 0 exists, not yet that of 1).
+    proc = _start(args, tmp_path)
+    _kill_when(proc, lambda: (ckpts / "iter_0000").is_dir())
+    # Kill 2: while a checkpoint is being written (its temporary directory exists), whichever comes first.
+    proc = _start(["--resume", str(run)], tmp_path)
+    _kill_when(proc, lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+               or (ckpts / "iter_0002").is_dir())
+    # Resume to the end.
+    done = subprocess.run([sys.executable, "-m", "acim_fast.run", "--resume", str(run)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after" in done.stdout
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 1, 2]  # no iteration lost, none twice
+    reference = [json.loads(x) for x in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    for mine, ref in zip(lines, reference):
+        for key in ("estep/rollouts", "estep/buffer", "eval/pass_at_1", "eval/code_use_rate"):
+            assert mine.get(key) == ref.get(key), (mine["iteration"], key)
+    # Same data order, seeds and optimiser state: the same weights, up to float summation order in the sampler.
+    final, expected = _weights(run, 2), _weights(tmp_path / "reference", 2)
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-4, atol=1e-5)
