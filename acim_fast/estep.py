@@ -48,9 +48,12 @@ import dataclasses
 import hashlib
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
+
+import tqdm
 
 from acim_fast.data import Problem
 from acim_fast.policy import Policy
@@ -200,6 +203,7 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class ProblemStats:
+    key: str  # the problem's source and id: what its random choices are seeded with
     pi_code: float
     q_code: float
     q_prose: float
@@ -211,10 +215,33 @@ class ProblemStats:
 
 @dataclass
 class EStepResult:
-    samples: list[Sample]  # every rollout, in problem order (the buffer draws from these)
+    samples: list[Sample]  # every rollout (the buffer draws from these)
     stats: list[ProblemStats]  # one per problem
-    buffer: list[Sample]  # what the M-step trains on
-    metrics: dict[str, float]
+    buffer: list[Sample]  # what the M-step trains on, in problem order
+    counters: dict[str, int]  # sums over rollouts and engine steps (see `summarize`)
+    time_s: float
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {**summarize(self.samples, self.stats, self.buffer, self.counters), "estep/time_s": self.time_s}
+
+    @staticmethod
+    def merge(parts: Sequence[EStepResult]) -> EStepResult:
+        """The result of exploring all problems, from the results of world = len(parts) ranks where rank r explored
+        problems r, r + world, r + 2 world, ... (a problem's rollouts and buffer share depend only on it, so the
+        merged samples, stats and buffer are those of one process exploring them all; wall time is the slowest)."""
+        world = len(parts)
+
+        def glob(r: int, s: Sample) -> Sample:
+            return replace(s, problem=r + s.problem * world)
+
+        stats = [parts[g % world].stats[g // world] for g in range(sum(len(p.stats) for p in parts))]
+        counters = {k: sum(p.counters[k] for p in parts) for k in parts[0].counters}
+        return EStepResult(
+            samples=sorted((glob(r, s) for r, p in enumerate(parts) for s in p.samples), key=lambda s: s.problem),
+            stats=stats, buffer=sorted((glob(r, s) for r, p in enumerate(parts) for s in p.buffer),
+                                       key=lambda s: s.problem),
+            counters=counters, time_s=max(p.time_s for p in parts))
 
 
 @dataclass(eq=False)
@@ -263,16 +290,19 @@ def explore(policy: Policy, problems: Sequence[Problem], cfg: EStepConfig, *, al
                                         pi_floor=cfg.pi_floor)
             dropped = (s_code is None or max(rewards) == 0
                        or (cfg.drop == "uniform" and min(rewards) == max(rewards)))
-        stats.append(ProblemStats(pi_code=pi_code, q_code=q_code, q_prose=q_prose, n_code=len(q["code"]),
+        stats.append(ProblemStats(key=f"{problems[p].source}/{problems[p].id}", pi_code=pi_code, q_code=q_code, q_prose=q_prose, n_code=len(q["code"]),
                                   n_prose=len(q["prose"]), s_code=s_code, dropped=dropped))
         groups = decisions if cfg.advantage_group == "decision" and algo == "em" else [0] * len(idx)
         for i, d, a in zip(idx, decisions, whiten(rewards, groups)):
             samples[i] = _sample(records[i], origins[i], d, a, cfg.keep_trigger)
 
     buffer = build_buffer(samples, stats, cfg, algo=algo, seed=seed, iteration=iteration)
-    metrics = _metrics(records, origins, samples, stats, buffer, engine_stats)
-    metrics["estep/time_s"] = time.monotonic() - start
-    return EStepResult(samples=samples, stats=stats, buffer=buffer, metrics=metrics)
+    counters = {"estep/tool_tokens": sum(r.tool_tokens - o.prefix for r, o in zip(records, origins)),
+                "estep/cell_errors": sum(r.errors + r.timeouts for r in records),
+                **{f"estep/{k}": engine_stats[k]
+                   for k in ("prefix_reused_tokens", "prefill_tokens", "recomputed_tokens")}}
+    return EStepResult(samples=samples, stats=stats, buffer=buffer, counters=counters,
+                       time_s=time.monotonic() - start)
 
 
 def build_buffer(samples: Sequence[Sample], stats: Sequence[ProblemStats], cfg: EStepConfig, *, algo: str,
@@ -289,7 +319,7 @@ def build_buffer(samples: Sequence[Sample], stats: Sequence[ProblemStats], cfg: 
             buffer += [samples[i] for i in idx]
             continue
         pools = {c: [i for i in idx if samples[i].decision == c] for c in ("code", "prose")}
-        rng = random.Random(_seed("buffer", seed, iteration, p))
+        rng = random.Random(_seed("buffer", seed, iteration, stats[p].key))
         buffer += [samples[i] for i in subsample(pools, stats[p].s_code, cfg.buffer_per_problem, rng)]
     return buffer
 
@@ -346,6 +376,7 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
 
     loop = RolloutLoop(engine, sandbox, encode=policy.encode, decode=policy.decode,
                        max_code_calls=cfg.max_code_calls, max_tool_tokens=cfg.max_tool_tokens, on_cell=on_cell)
+    bar = tqdm.tqdm(total=len(problems) * group, desc=f"E-step rollouts ({algo})", disable=not sys.stderr.isatty())
     waiting = list(range(len(problems)))  # problems not started
     roots: dict[int, int] = {}  # root seq id -> problem, until its group is forked from it
     finished: set[int] = set()
@@ -358,7 +389,10 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
             root = loop.add(prompts[p][0], problem.answer, params)
             origins[root] = _Origin(problem=p, kind="free", prefix=0)
             roots[root] = p
-        finished.update(loop.step())
+        done = loop.step()
+        finished.update(done)
+        bar.total = len(origins) + len(roots) * (group - 1) + len(waiting) * group  # siblings add to it
+        bar.update(len(done))
         for root, p in list(roots.items()):
             # Fork the group once the root's prompt is computed (it sampled its first token), sharing those blocks.
             out = engine.output(root)
@@ -383,26 +417,27 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
                     if kind == "code":
                         engine.append(child, trigger)  # forced response tokens: loss mask 0
                     origins[child] = _Origin(problem=p, kind=kind, prefix=len(trigger) if kind == "code" else 0)
+    bar.close()
     records = loop.run_until_done()
     stats = dataclasses.asdict(engine.stats)
     return records, [origins[r.seq_id] for r in records], stats
 
 
-def _metrics(records: list[RolloutRecord], origins: list[_Origin], samples: list[Sample],
-             stats: list[ProblemStats], buffer: list[Sample], engine_stats: dict[str, int]) -> dict[str, float]:
+def summarize(samples: Sequence[Sample], stats: Sequence[ProblemStats], buffer: Sequence[Sample],
+              counters: dict[str, int]) -> dict[str, float]:
+    """The E-step's metrics: counts, mean rewards per origin, the estimates and the buffer's make-up."""
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
-    by_kind = {k: [r.reward for r, o in zip(records, origins) if o.kind == k] for k in ("free", "code", "prose", "fork")}
+    by_origin = {k: [s.reward for s in samples if s.origin == k] for k in ("free", "code", "prose", "fork")}
     kept = [s for s in stats if not s.dropped]
     return {
         "estep/problems": len(stats),
-        "estep/rollouts": len(records),
-        "estep/siblings": len(by_kind["fork"]),
-        "estep/sampled_tokens": sum(sum(r.loss_mask) for r in records),
-        "estep/tool_tokens": sum(r.tool_tokens for r in records),
-        "estep/reward_mean": mean([r.reward for r in records]),
-        **{f"estep/reward_{k}": mean(v) for k, v in by_kind.items()},
+        "estep/rollouts": len(samples),
+        "estep/siblings": len(by_origin["fork"]),
+        "estep/sampled_tokens": sum(sum(s.loss_mask) for s in samples),
+        "estep/reward_mean": mean([s.reward for s in samples]),
+        **{f"estep/reward_{k}": mean(v) for k, v in by_origin.items()},
         "estep/pi_code": mean([s.pi_code for s in stats]),
         "estep/q_code": mean([s.q_code for s in stats if s.n_code]),
         "estep/q_prose": mean([s.q_prose for s in stats if s.n_prose]),
@@ -410,8 +445,5 @@ def _metrics(records: list[RolloutRecord], origins: list[_Origin], samples: list
         "estep/dropped": len(stats) - len(kept),
         "estep/buffer": len(buffer),
         "estep/buffer_code_share": mean([s.decision == "code" for s in buffer]),
-        "estep/cell_errors": sum(r.errors + r.timeouts for r in records),
-        "estep/prefix_reused_tokens": engine_stats["prefix_reused_tokens"],
-        "estep/prefill_tokens": engine_stats["prefill_tokens"],
-        "estep/recomputed_tokens": engine_stats["recomputed_tokens"],
+        **counters,
     }

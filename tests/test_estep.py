@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from acim_fast.estep import (EStepConfig, ProblemStats, Sample, _Origin, _sample, build_buffer, explore,
+from acim_fast.estep import (EStepConfig, EStepResult, ProblemStats, Sample, _Origin, _sample, build_buffer, explore,
                              reference_strategy, subsample, whiten)
 from acim_fast.policy import load_policy
 from acim_fast.prompts import CODE_TRIGGER
@@ -87,8 +87,9 @@ def _toy_sample(problem, decision, reward=1.0):
 
 def test_build_buffer_skips_dropped_problems_and_mixes_by_s_star():
     samples = [_toy_sample(0, "code")] * 3 + [_toy_sample(0, "prose")] * 3 + [_toy_sample(1, "code")] * 4
-    stats = [ProblemStats(pi_code=0.5, q_code=1, q_prose=0.5, n_code=3, n_prose=3, s_code=0.5, dropped=False),
-             ProblemStats(pi_code=0.5, q_code=0, q_prose=0, n_code=4, n_prose=0, s_code=None, dropped=True)]
+    stats = [ProblemStats(key="t/0", pi_code=0.5, q_code=1, q_prose=0.5, n_code=3, n_prose=3, s_code=0.5,
+                          dropped=False),
+             ProblemStats(key="t/1", pi_code=0.5, q_code=0, q_prose=0, n_code=4, n_prose=0, s_code=None, dropped=True)]
     cfg = EStepConfig(buffer_per_problem=4)
     em = build_buffer(samples, stats, cfg, algo="em", seed=0, iteration=1)
     assert [s.problem for s in em] == [0] * 4 and sorted(s.decision for s in em) == ["code"] * 2 + ["prose"] * 2
@@ -176,6 +177,10 @@ def test_explore_forks_every_rollout_of_a_problem_from_one_prompt(policy, sandbo
     assert len(result.buffer) == 4 * len(kept)
 
 
+def _key(s):
+    return (s.problem, s.origin, tuple(s.response_ids), s.reward)
+
+
 def test_explore_is_deterministic_and_grpo_samples_unguided(policy, sandbox):
     cfg = EStepConfig(k_code=2, k_prose=2, k_free=2)
     a = explore(policy, PROBLEMS[:3], cfg, sandbox=sandbox, seed=5, iteration=2)
@@ -190,6 +195,13 @@ def test_explore_is_deterministic_and_grpo_samples_unguided(policy, sandbox):
     # A problem's rollouts do not depend on the others.
     alone = explore(policy, PROBLEMS[1:2], cfg, sandbox=sandbox, seed=5, iteration=2)
     assert [s.response_ids for s in alone.samples] == [s.response_ids for s in a.samples if s.problem == 1]
+    # Two "ranks" exploring problems 0, 2 and 1 merge into the result of one process exploring all three.
+    merged = EStepResult.merge([explore(policy, PROBLEMS[0:3:2], cfg, sandbox=sandbox, seed=5, iteration=2),
+                                explore(policy, PROBLEMS[1:3:2], cfg, sandbox=sandbox, seed=5, iteration=2)])
+    assert merged.stats == a.stats
+    assert [(s.problem, s.response_ids) for s in merged.buffer] == [(s.problem, s.response_ids) for s in a.buffer]
+    assert sorted(map(_key, merged.samples)) == sorted(map(_key, a.samples))
+    assert merged.metrics["estep/rollouts"] == a.metrics["estep/rollouts"]
     g = explore(policy, PROBLEMS[:3], cfg, algo="grpo", sandbox=sandbox, seed=5, iteration=2)
     assert g.metrics["estep/rollouts"] == 3 * 6 and {s.origin for s in g.samples} == {"free"}
     assert all(s.decision_mask for s in g.samples)

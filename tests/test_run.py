@@ -91,6 +91,25 @@ def test_data_files_and_their_errors(tmp_path):
         train(dataclasses.replace(config, model=str(tmp_path), out_dir=str(tmp_path / "r")), log=lambda _: None)
 
 
+def test_a_jsonl_dataset_trains_with_the_same_code(warm_model, tmp_path):
+    """--data / --eval_data: problems in the task's wording, as a user's jsonl files."""
+    def write(name, problems):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"problem": p.question, "answer": p.answer, "id": f"{name}-{i}"}) + "\n"
+                                for i, p in enumerate(problems)))
+        return str(path)
+
+    from acim_fast.task import generate
+    config = dataclasses.replace(_smoke(tmp_path / "run", warm_model, iterations=1),
+                                 data=write("train.jsonl", generate(16, seed=3, split="train", families=("mul",))),
+                                 eval_data=write("eval.jsonl", generate(4, seed=3, split="eval", families=("mul",))))
+    records = train(config, log=lambda _: None)
+    assert records[1]["estep/problems"] == config.problems_per_iter and records[1]["estep/rollouts"] > 0
+    assert records[1]["mstep/steps"] > 0 and math.isfinite(records[1]["mstep/loss"])
+    report = json.loads((tmp_path / "run" / "checkpoints" / "iter_0001" / "eval.json").read_text())
+    assert [p["id"] for p in report["problems"]] == [f"eval.jsonl-{i}" for i in range(4)]
+
+
 def test_embedded_default_creates_and_warms_up_its_model(tmp_path):
     config = _smoke(tmp_path / "run", None, warmup_steps=3, iterations=1, problems_per_iter=2, eval_problems=2)
     records = train(config, log=lambda _: None)

@@ -1,0 +1,106 @@
+"""Data-parallel training with FSDP2 under torchrun: process group, sharding, collectives and weight gathering.
+
+What it does:
+- `from_env()`: under torchrun (WORLD_SIZE > 1) joins the process group that torchrun's rendezvous set up (gloo for
+  CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None. Multi-node runs
+  use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
+- `shard(model, dist, mixed_precision=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
+  final norm, lm_head); `forward_hidden` is registered as a forward method so FSDP gathers the parameters around it.
+  The root keeps its parameters gathered from forward to backward (FSDP2's default for the root), which is what lets
+  the fused loss read `lm_head_weight` after `forward_hidden`. With `mixed_precision` (GPU): bf16 compute, fp32
+  gradient reduction, fp32 sharded master parameters.
+- `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
+  Python objects, a barrier).
+- `full_state_dict(model)`: the unsharded parameters on every rank (for the per-rank samplers), gathered one tensor
+  at a time by `torch.distributed.checkpoint.state_dict`; `load_into(sampler, state)` copies them in place, after
+  which the caller drops `state`, so two full copies live only during the copy.
+
+What it does not do: tensor or pipeline parallelism, or pick the world size (torchrun does).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from acim_fast.model import CausalLM
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (fp64 on the CPU with gloo, on the device with nccl)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch_dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (pickled; for results, not tensors in bulk)."""
+        out: list[Any] = [None] * self.world
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+
+def from_env() -> Dist | None:
+    """The process group of a torchrun launch, or None when WORLD_SIZE is absent or 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world=world, device=device, mesh=init_device_mesh(device.type, (world,)))
+
+
+def shard(model: CausalLM, dist: Dist, *, mixed_precision: bool = False) -> CausalLM:
+    """Shard `model` in place with FSDP2 (see the module docstring); returns it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=dist.mesh, mp_policy=policy)
+    fully_shard(model, mesh=dist.mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "forward_hidden")
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) parameters and buffers on every rank; plain tensors on the model's device."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model`'s parameters in place (same names and shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, tensor in own.items():
+        tensor.copy_(state[name])

@@ -1,0 +1,43 @@
+"""One M-step of a small model on fixed samples, run by tests/test_dist.py both as a plain process and under
+`torchrun --nproc_per_node 2` (FSDP2 on gloo); saves the full parameters and metrics to argv[1] (rank 0)."""
+
+import random, sys
+import torch
+from acim_fast import dist as D
+from acim_fast.estep import Sample
+from acim_fast.mstep import MStep, MStepConfig
+from acim_fast.tiny import TinyConfig, build_model, build_tokenizer
+from acim_kernels import LossConfig
+
+CONFIG = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,
+                    seed=0)
+
+
+def samples(n=12):
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 90) for _ in range(rng.randint(3, 8))]
+        k = rng.randint(4, 14)
+        mask = [1] * k
+        mask[2:4] = [0, 0]
+        out.append(Sample(problem=i, origin="free", decision="code", prompt_ids=prompt,
+                          response_ids=[rng.randrange(3, 90) for _ in range(k)],
+                          behaviour_logprobs=[rng.uniform(-5, -3) for _ in range(k)], loss_mask=mask,
+                          decision_mask=[1] + [0] * (k - 1), reward=1.0, advantage=rng.choice([-1.0, 1.0]),
+                          off_context=False))
+    return out
+
+
+d = D.from_env()
+model = build_model(CONFIG, build_tokenizer())
+if d is not None:
+    D.shard(model, d)
+trainer = MStep(model, MStepConfig(lr=1e-4, epochs=1, samples_per_step=12, micro_batch_tokens=48, warmup_steps=0),
+                total_steps=1, dist=d)
+metrics = trainer.train(samples(), LossConfig(objective="clip", sft_coef=0.5))
+state = D.full_state_dict(model) if d is not None else model.state_dict()
+if d is None or d.is_main:
+    initial = build_model(CONFIG, build_tokenizer()).state_dict()
+    torch.save({"state": {k: v.detach().clone() for k, v in state.items()}, "initial": initial, "metrics": metrics},
+               sys.argv[1])
