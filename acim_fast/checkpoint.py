@@ -1,68 +1,92 @@
 """Crash-safe checkpoints of a run: one directory per iteration, complete or absent.
 
 What it does:
-- `save(run_dir, iteration, policy, trainer_state, files)` writes `checkpoints/iter_NNNN/`: the model in Hugging Face
-  format (config.json + model.safetensors, `CausalLM.save_pretrained`), the tokenizer files (`save_pretrained` of the
-  policy's tokenizer), `trainer.pt` (optimiser, schedule and anything else the trainer needs to continue) and the
-  given extra files (e.g. the evaluation report). Everything goes to a temporary sibling directory first, each file is
-  flushed to disk, and the directory is renamed into place (then the parent directory is synced): a reader, or a
-  resumed run after a SIGKILL at any moment, sees either the whole checkpoint or none of it.
+- `save(run_dir, iteration, policy, trainer_state, files, dist=...)` writes `checkpoints/iter_NNNN/`: the model in
+  Hugging Face format (config.json + model.safetensors, `CausalLM.save_pretrained`, from rank 0's full copy), the
+  tokenizer files, `trainer/` (optimiser, schedule and step count through `torch.distributed.checkpoint`: each rank
+  writes its own shard, and a later run of another world size reshards on load) and the given extra files (e.g. the
+  evaluation report). Everything goes to a temporary sibling directory first, each file is flushed to disk, and rank 0
+  renames the directory into place (then syncs the parent): a reader, or a resumed run after a SIGKILL at any
+  moment, sees either the whole checkpoint or none of it. Several ranks need a filesystem they all see.
 - `latest(run_dir)`: the newest complete checkpoint (temporary directories are ignored); `clean(run_dir)` removes
   the temporary directories a killed run left behind.
-- `load_trainer_state(checkpoint)`: `trainer.pt`, loaded on the CPU.
+- `load_trainer_state(checkpoint, template)`: `trainer/` loaded into the state of a freshly built trainer.
 
-What it does not do: sharded or distributed checkpoints (torch.distributed.checkpoint belongs to the distributed
-loop), or pruning old checkpoints (a run keeps every iteration's model; the tiny one is 1.4 MB).
+What it does not do: pruning old checkpoints (a run keeps every iteration's model; the tiny one is 1.4 MB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
+import torch.distributed.checkpoint as dcp
 
+from acim_fast.dist import Dist
 from acim_fast.policy import Policy
 
 _NAME = re.compile(r"^iter_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"
+TRAINER_DIR = "trainer"  # the trainer state (optimiser, schedule), in torch.distributed.checkpoint format
 
 
 def path_of(run_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"iter_{iteration:04d}"
 
 
-def save(run_dir: str | os.PathLike, iteration: int, policy: Policy, trainer_state: Mapping[str, Any],
-         files: Mapping[str, str] | None = None) -> Path:
-    """Write the checkpoint of `iteration` atomically (see the module docstring); returns its path. An existing
-    checkpoint of that iteration is replaced only once the new one is complete."""
+def save(run_dir: str | os.PathLike, iteration: int, policy: Policy, trainer_state: dict[str, Any],
+         files: Mapping[str, str] | None = None, *, dist: Dist | None = None) -> Path:
+    """Write the checkpoint of `iteration` atomically (see the module docstring); returns its path. Collective when
+    `dist` is given: every rank writes its shard of `trainer_state`, rank 0 the rest (its `policy` holds the full
+    weights). An existing checkpoint of that iteration is replaced only once the new one is complete."""
+    main = dist is None or dist.is_main
     final = path_of(run_dir, iteration)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    policy.model.save_pretrained(tmp)
-    if policy.tokenizer is not None:
-        policy.tokenizer.save_pretrained(str(tmp))
-    torch.save(dict(trainer_state), tmp / "trainer.pt")
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # a rerun of an iteration whose checkpoint a crash left behind: swap it out
-        old = final.parent / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(final.parent)
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(dist)
+    with _single_process_ok():
+        dcp.save(trainer_state, checkpoint_id=tmp / TRAINER_DIR)  # each rank its shard; no process group: all
+    _barrier(dist)
+    if main:
+        policy.model.save_pretrained(tmp)
+        if policy.tokenizer is not None:
+            policy.tokenizer.save_pretrained(str(tmp))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp / TRAINER_DIR)
+        _fsync(tmp)
+        if final.exists():  # a rerun of an iteration whose checkpoint a crash left behind: swap it out
+            old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync(final.parent)
+    _barrier(dist)
     return final
+
+
+def load_trainer_state(checkpoint: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
+    """The trainer state saved with `checkpoint`, loaded into `template` (the state of a freshly built trainer, which
+    gives the shapes and, with FSDP, the sharding of this world size: a run may resume on another)."""
+    path = Path(checkpoint) / TRAINER_DIR
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"{checkpoint}: no {TRAINER_DIR}/: not a checkpoint written by acim_fast.run")
+    with _single_process_ok():
+        dcp.load(template, checkpoint_id=path)
+    return template
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
@@ -89,11 +113,17 @@ def clean(run_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def load_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    path = Path(checkpoint) / "trainer.pt"
-    if not path.is_file():
-        raise ValueError(f"{checkpoint}: no trainer.pt: not a checkpoint written by acim_fast.run")
-    return torch.load(path, map_location="cpu", weights_only=True)
+@contextlib.contextmanager
+def _single_process_ok():
+    """Without a process group torch.distributed.checkpoint warns that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier(dist: Dist | None) -> None:
+    if dist is not None:
+        dist.barrier()
 
 
 def _fsync(path: Path) -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from acim_fast.dist import Dist
@@ -181,11 +182,13 @@ class MStep:
         self.steps = 0  # optimiser steps taken (skipped ones excluded)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "steps": self.steps}
+        """Optimiser (keyed by parameter name, sharded as the model is: `torch.distributed.checkpoint` saves it and
+        loads it back into any world size), schedule and step count."""
+        return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+                "scheduler": self.scheduler.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
 

@@ -25,6 +25,7 @@ What it does not do: multi-process training (the distributed loop), or choose hy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,8 +42,10 @@ from acim_fast import checkpoint
 from acim_fast.atomic import atomic_write
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.estep import explore
+from acim_fast.dist import from_env, full_state_dict, load_into, shard
+from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
+from acim_fast.model import CausalLM
 from acim_fast.mstep import MStep
 from acim_fast.policy import load_policy
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
@@ -62,9 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring)."""
+    """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring).
+    Under torchrun every rank calls it; rank 0 logs, evaluates and writes the run's files."""
+    dist = from_env()
+    main = dist is None or dist.is_main
+    if not main:
+        log = _silent
     run_dir = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
-    if resume_dir is None:
+    if dist is not None and config.problems_per_iter < dist.world:
+        raise ValueError(f"--problems_per_iter {config.problems_per_iter} leaves some of the {dist.world} ranks "
+                         f"without a problem to explore")
+    if main and resume_dir is None:
         if checkpoint.latest(run_dir) is not None:
             raise ValueError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or choose "
                              f"another --out_dir")
@@ -72,48 +83,78 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json(), encoding="utf-8"))
     log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
     train_set, held_out = problems_of(config)
-    checkpoint.clean(run_dir)
-    last = checkpoint.latest(run_dir)
-    start = base_model(config, run_dir, log) if last is None else last
-    policy = load_policy(start, dtype=config.dtype, device=config.device)
-    mstep = MStep(policy.model, config.mstep, total_steps=planned_steps(config))
+    if main:
+        checkpoint.clean(run_dir)
+        last = checkpoint.latest(run_dir)
+        start = base_model(config, run_dir, log) if last is None else last
+    if dist is not None:  # rank 0 found (or made) the starting point; the others take it from there
+        last, start = dist.gather((last, start) if main else None)[0]
+        device = str(dist.device)
+    else:
+        device = config.device
+    policy = load_policy(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
+    trained = policy.model
+    if dist is not None:  # a second copy to shard: the sampler's stays whole and is refreshed after each M-step
+        trained = shard(CausalLM.from_pretrained(start, dtype=config.dtype, device=device), dist,
+                        mixed_precision=dist.device.type == "cuda")
+    mstep = MStep(trained, config.mstep, total_steps=planned_steps(config), dist=dist)
     records: list[dict[str, Any]] = []
     first = 0
     if last is not None:
         first = checkpoint.iteration_of(last) + 1
-        mstep.load_state_dict(checkpoint.load_trainer_state(last)["mstep"])
+        mstep.load_state_dict(checkpoint.load_trainer_state(last, mstep.state_dict()))
         records = [r for r in read_metrics(run_dir) if r["iteration"] < first]
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        if main:
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         log(f"resuming after {last} (iteration {first - 1})")
-    elif (run_dir / METRICS_FILE).exists():
+    elif main and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()  # lines of a run that died before its first checkpoint
     elapsed = records[-1]["time_s"] if records else 0.0
     began = time.monotonic()
-    with Sandbox(SandboxOptions(timeout_s=config.estep.sandbox_timeout_s)) as explore_box, \
-            Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s)) as eval_box:
-        bar = tqdm.tqdm(range(first, config.iterations + 1), desc="EM iterations", disable=not sys.stderr.isatty())
+    with contextlib.ExitStack() as stack:
+        explore_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.estep.sandbox_timeout_s)))
+        eval_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s))) \
+            if main else None
+        bar = tqdm.tqdm(range(first, config.iterations + 1), desc="EM iterations",
+                        disable=not (main and sys.stderr.isatty()))
         for it in bar:
             record: dict[str, Any] = {"iteration": it, "algo": config.algo, "seed": config.seed}
             if it > 0:
                 batch = iteration_problems(train_set, config, it)
+                if dist is not None:
+                    batch = batch[dist.rank::dist.world]  # each rank explores its share; EStepResult.merge
                 result = explore(policy, batch, config.estep, algo=config.algo, sandbox=explore_box,
                                  seed=config.seed, iteration=it)
+                if dist is not None:
+                    result = EStepResult.merge(dist.gather(result))
                 record.update(result.metrics)
                 record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
-            report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box,
-                              meta={"iteration": it, "run": str(run_dir)})
-            record.update(eval_metrics(report))
-            record["time_s"] = elapsed + time.monotonic() - began
-            records.append(record)
-            _append_line(run_dir / METRICS_FILE, record)
-            checkpoint.save(run_dir, it, policy, {"mstep": mstep.state_dict(), "iteration": it},
-                            files={"eval.json": report.to_json()})
-            log(format_line(record))
-    plot({f"{config.algo} seed {config.seed}": records}, run_dir / "report.png")
-    log(summary_table(records))
-    log(f"wrote {run_dir / METRICS_FILE}, {run_dir / 'report.png'}, {run_dir / 'checkpoints'}")
+                if dist is not None:  # weight sync: the full weights, one copy at a time, into every sampler
+                    state = full_state_dict(trained)
+                    load_into(policy.model, state)
+                    del state
+            report = None
+            if main:
+                report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box,
+                                  meta={"iteration": it, "run": str(run_dir)})
+                record.update(eval_metrics(report))
+                record["time_s"] = elapsed + time.monotonic() - began
+                records.append(record)
+                _append_line(run_dir / METRICS_FILE, record)
+            checkpoint.save(run_dir, it, policy, mstep.state_dict(),
+                            files={"eval.json": report.to_json()} if main else None, dist=dist)
+            if main:
+                log(format_line(record))
+    if main:
+        plot({f"{config.algo} seed {config.seed}": records}, run_dir / "report.png")
+        log(summary_table(records))
+        log(f"wrote {run_dir / METRICS_FILE}, {run_dir / 'report.png'}, {run_dir / 'checkpoints'}")
     return records
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 # -- the pieces --

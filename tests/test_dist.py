@@ -27,3 +27,52 @@ def test_two_process_fsdp_step_equals_the_single_process_step(tmp_path):
         torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-5)
         moved = max(moved, (value - one["initial"][name]).abs().max().item())
     assert moved > 1e-5, "the step changed nothing: the comparison would be empty"
+
+
+def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_path):
+    """torchrun with 2 CPU processes on the reduced preset: E-step shards merge into the single-process E-step, the
+    M-step equals it, and a 2-process run killed after iteration 1 resumes in ONE process (the optimiser state
+    reshards on load) to the single-process result."""
+    import dataclasses
+    import json
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from acim_fast.config import smoke_preset
+    from acim_fast.run import train
+
+    train(dataclasses.replace(smoke_preset(), model=str(warm_model), out_dir=str(tmp_path / "one")),
+          log=lambda _: None)
+    two = tmp_path / "two"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "acim_fast.run", "--preset", "smoke", "--model", str(warm_model),
+                             "--out_dir", str(two)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (two / "checkpoints" / "iter_0001").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    done = subprocess.run([sys.executable, "-m", "acim_fast.run", "--resume", str(two)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def lines(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    mine, ref = lines(two), lines(tmp_path / "one")
+    assert [r["iteration"] for r in mine] == [0, 1, 2]
+    for a, b in zip(mine, ref):
+        for key in ("estep/rollouts", "estep/buffer", "estep/reward_mean", "eval/pass_at_1", "eval/code_use_rate"):
+            assert a.get(key) == b.get(key), (a["iteration"], key)
+        if a["iteration"]:
+            assert abs(a["mstep/loss"] - b["mstep/loss"]) < 1e-5
+    final = load_file(two / "checkpoints" / "iter_0002" / "model.safetensors")
+    expected = load_file(tmp_path / "one" / "checkpoints" / "iter_0002" / "model.safetensors")
+    for k, v in expected.items():
+        torch.testing.assert_close(final[k], v, rtol=1e-4, atol=1e-5)
