@@ -19,7 +19,10 @@ What it does, per problem (`explore`):
   `pi_floor` (so that a decision the model never takes can still win when it alone succeeds):
   "posterior" s*(code) = w_code / (w_code + w_prose); "tempered" softmax(alpha * w); "hardmax" 1 for the larger w,
   ties to prose (when both work equally, the answer without a tool call is preferred, as evaluation's oracle does).
-  With w_code = w_prose = 0 there is no evidence: None.
+  With w_code = w_prose = 0 there is no evidence: None. A fourth form, "value", leaves pi_hat out: code iff
+  Q_hat(x, code) > Q_hat(x, prose) + `margin`. The forms weighted by pi_hat reinforce whatever the model already
+  does more often (see the README's experiment); "value" asks only which decision works, prose unless code is
+  clearly better.
 - Dropping: a problem whose rollouts all fail carries no signal (`drop="all_fail"`); with `drop="uniform"` so does one
   whose rollouts all got the same reward. (A problem that every rollout solves still teaches the decision through the
   cross-entropy term: s* prefers prose there.)
@@ -63,7 +66,7 @@ from acim_fast.sandbox import Sandbox
 
 ALGOS = ("em", "grpo")
 FORKS = ("off", "first", "every")
-FORMS = ("posterior", "tempered", "hardmax")
+FORMS = ("posterior", "tempered", "hardmax", "value")
 DROPS = ("all_fail", "uniform")
 GROUPS = ("problem", "decision")
 _BLOCK_SIZE = 16
@@ -84,8 +87,9 @@ class EStepConfig:
     max_new_tokens: int = _opt(200, "what a rollout may write, tool output included (the code prefix is extra)")
     decision_fork: str = _opt("first", "fork a prose sibling where a cell opens: off | first (first cell) | every")
     fork_cap: int = _opt(4, "siblings per problem at most")
-    s_star: str = _opt("hardmax", "reference strategy: posterior | tempered | hardmax")
+    s_star: str = _opt("hardmax", "reference strategy: posterior | tempered | hardmax | value")
     alpha: float = _opt(4.0, "inverse temperature of the tempered reference strategy")
+    margin: float = _opt(0.1, "the value form picks code only when its success rate beats prose's by more than this")
     pi_floor: float = _opt(0.1, "pi_hat(c|x) is clipped to [pi_floor, 1 - pi_floor] in the reference strategy")
     drop: str = _opt("all_fail", "problems without signal: all_fail (every rollout failed) | uniform (equal rewards)")
     buffer_per_problem: int = _opt(8, "training samples per kept problem (em); their decision mix follows s*")
@@ -118,6 +122,8 @@ class EStepConfig:
                              f"got {self.temperature}")
         if not self.alpha > 0:
             raise ValueError(f"EStepConfig.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"EStepConfig.margin must be in [0, 1), got {self.margin}")
         if not 0 <= self.pi_floor < 0.5:
             raise ValueError(f"EStepConfig.pi_floor must be in [0, 0.5), got {self.pi_floor}")
         if not self.sandbox_timeout_s >= 0.01:
@@ -127,7 +133,7 @@ class EStepConfig:
 # -- the pure parts --
 
 def reference_strategy(pi_code: float, q_code: float, q_prose: float, *, form: str = "hardmax",
-                       alpha: float = 4.0, pi_floor: float = 0.1) -> float | None:
+                       alpha: float = 4.0, pi_floor: float = 0.1, margin: float = 0.1) -> float | None:
     """s*(code | x) from pi_hat(code|x) and Q_hat(x, .); None when neither decision has any weight."""
     for name, value in (("pi_code", pi_code), ("q_code", q_code), ("q_prose", q_prose)):
         if not 0 <= value <= 1:
@@ -136,6 +142,8 @@ def reference_strategy(pi_code: float, q_code: float, q_prose: float, *, form: s
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     pi = min(max(pi_code, pi_floor), 1 - pi_floor)
     w_code, w_prose = pi * q_code, (1 - pi) * q_prose
+    if form == "value":
+        return None if q_code == q_prose == 0 else float(q_code > q_prose + margin)
     if w_code == 0 and w_prose == 0:
         return None
     if form == "posterior":
@@ -287,7 +295,7 @@ def explore(policy: Policy, problems: Sequence[Problem], cfg: EStepConfig, *, al
             dropped = min(rewards) == max(rewards)  # no advantage anywhere: GRPO learns nothing from it
         else:
             s_code = reference_strategy(pi_code, q_code, q_prose, form=cfg.s_star, alpha=cfg.alpha,
-                                        pi_floor=cfg.pi_floor)
+                                        pi_floor=cfg.pi_floor, margin=cfg.margin)
             dropped = (s_code is None or max(rewards) == 0
                        or (cfg.drop == "uniform" and min(rewards) == max(rewards)))
         stats.append(ProblemStats(key=f"{problems[p].source}/{problems[p].id}", pi_code=pi_code, q_code=q_code, q_prose=q_prose, n_code=len(q["code"]),

@@ -20,7 +20,13 @@ What it does (`train`):
 after the newest complete checkpoint (its weights and optimiser state), keeps the metrics lines up to it and goes on
 with the same data order and seeds: a run killed at any moment resumes without losing a finished iteration.
 
-What it does not do: multi-process training (the distributed loop), or choose hyper-parameters (see `--help`).
+Under `torchrun --nproc_per_node N -m acim_fast.run ...` (see `acim_fast.dist`) every rank runs this same function:
+rank 0 prepares the run directory and the starting model, every rank explores its share of each iteration's problems
+with its own sampler (a whole copy of the weights), the shares are merged into the single-process E-step result, the
+M-step trains an FSDP2-sharded copy on the merged buffer, the trained weights are gathered into every sampler, and
+rank 0 evaluates and writes metrics and the HF export; the trainer state is saved by all ranks.
+
+What it does not do: choose hyper-parameters (see `--help`), or shard the evaluation (rank 0 runs it alone).
 """
 
 from __future__ import annotations
@@ -95,8 +101,9 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
     policy = load_policy(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
     trained = policy.model
     if dist is not None:  # a second copy to shard: the sampler's stays whole and is refreshed after each M-step
-        trained = shard(CausalLM.from_pretrained(start, dtype=config.dtype, device=device), dist,
-                        mixed_precision=dist.device.type == "cuda")
+        mixed = dist.device.type == "cuda"  # fp32 master shards, bf16 compute, fp32 gradient reduction
+        trained = shard(CausalLM.from_pretrained(start, dtype="float32" if mixed else config.dtype, device=device),
+                        dist, mixed_precision=mixed)
     mstep = MStep(trained, config.mstep, total_steps=planned_steps(config), dist=dist)
     records: list[dict[str, Any]] = []
     first = 0

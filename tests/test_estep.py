@@ -32,7 +32,7 @@ def test_reference_strategy_ties_and_no_evidence():
     assert reference_strategy(0.5, 1.0, 1.0, form="hardmax") == 0.0
     assert reference_strategy(0.5, 1.0, 1.0, form="posterior") == pytest.approx(0.5)
     assert reference_strategy(0.5, 1.0, 1.0, form="tempered") == pytest.approx(0.5)
-    for form in ("posterior", "tempered", "hardmax"):
+    for form in ("posterior", "tempered", "hardmax", "value"):
         assert reference_strategy(0.3, 0.0, 0.0, form=form) is None
 
 
@@ -43,6 +43,15 @@ def test_reference_strategy_floors_pi_so_an_untried_decision_can_win():
     assert reference_strategy(0.0, 1.0, 0.0, form="posterior", pi_floor=0.0) is None
     # Posterior: the floor enters the weights, 0.1 * 0.5 vs 0.9 * 0.5.
     assert reference_strategy(0.0, 0.5, 0.5, form="posterior", pi_floor=0.1) == pytest.approx(0.1)
+
+
+def test_value_form_ignores_pi_and_prefers_prose_within_the_margin():
+    # pi_hat would make code win under hardmax (0.9 * 0.9 > 0.1 * 1.0); by value, prose works as well: prose.
+    assert reference_strategy(0.9, 0.9, 1.0, form="hardmax") == 1.0
+    assert reference_strategy(0.9, 0.9, 1.0, form="value") == 0.0
+    assert reference_strategy(0.9, 1.0, 0.95, form="value", margin=0.1) == 0.0  # within the margin: prose
+    assert reference_strategy(0.1, 1.0, 0.5, form="value", margin=0.1) == 1.0  # clearly better: code
+    assert reference_strategy(0.5, 0.0, 0.0, form="value") is None
 
 
 def test_reference_strategy_rejects_bad_input():
@@ -209,7 +218,8 @@ def test_explore_is_deterministic_and_grpo_samples_unguided(policy, sandbox):
 
 @pytest.mark.parametrize("field, value", [("k_free", 0), ("k_code", -1), ("decision_fork", "always"),
                                           ("s_star", "argmax"), ("drop", "none"), ("temperature", 0.0),
-                                          ("pi_floor", 0.5), ("advantage_group", "batch")])
+                                          ("pi_floor", 0.5), ("advantage_group", "batch"),
+                                          ("margin", 1.0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"EStepConfig.{field}"):
         EStepConfig(**{field: value})
