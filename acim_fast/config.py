@@ -130,7 +130,7 @@ class Config:
 
 
 def default_preset() -> Config:
-    """The embedded default: the tiny built-in model, warmed up, then EM on the built-in task, on CPU (~7 min on
+    """The embedded default: the tiny built-in model, warmed up, then EM on the built-in task, on CPU (~5 min on
     2 cores)."""
     return Config()
 
@@ -189,7 +189,7 @@ def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog=prog, description="Train a math LM with AutoCode (EM over the decision to write code).")
     parser.add_argument("--preset", choices=PRESETS, default="default",
-                        help="the defaults the flags override: default (the embedded ~7 min CPU run) | smoke (CI)")
+                        help="the defaults the flags override: default (the embedded ~5 min CPU run) | smoke (CI)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue RUN_DIR from its last checkpoint with its saved config and data order "
                              "(no other flag may be given)")

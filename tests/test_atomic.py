@@ -25,3 +25,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, half_write)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_the_file_gets_the_permissions_of_a_plainly_created_one(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    target = atomic_write(tmp_path / "atomic", lambda tmp: Path(tmp).write_text("y"))
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
