@@ -57,6 +57,13 @@ class Dist:
     def barrier(self) -> None:
         torch_dist.barrier()
 
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group. A rank that exits with the group alive can abort in
+        the backend's destructor while another still works (seen with gloo: "terminate called without an active
+        exception"), so every rank calls this before it exits."""
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
 
 def from_env() -> Dist | None:
     """The process group of a torchrun launch, or None when WORLD_SIZE is absent or 1."""

@@ -48,7 +48,7 @@ from acim_fast import checkpoint
 from acim_fast.atomic import atomic_write
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.dist import from_env, full_state_dict, load_into, shard
+from acim_fast.dist import Dist, from_env, full_state_dict, load_into, shard
 from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.model import CausalLM
@@ -74,6 +74,14 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
     """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring).
     Under torchrun every rank calls it; rank 0 logs, evaluates and writes the run's files."""
     dist = from_env()
+    records = _train(config, dist, resume_dir, log)
+    if dist is not None:  # on an error, no barrier: the rank dies and torchrun stops the others
+        dist.close()
+    return records
+
+
+def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | None,
+           log: Callable[[str], None]) -> list[dict[str, Any]]:
     main = dist is None or dist.is_main
     if not main:
         log = _silent

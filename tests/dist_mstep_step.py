@@ -41,3 +41,5 @@ if d is None or d.is_main:
     initial = build_model(CONFIG, build_tokenizer()).state_dict()
     torch.save({"state": {k: v.detach().clone() for k, v in state.items()}, "initial": initial, "metrics": metrics},
                sys.argv[1])
+if d is not None:
+    d.close()
