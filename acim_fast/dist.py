@@ -1,7 +1,7 @@
 """Data-parallel training with FSDP2 under torchrun: process group, sharding, collectives and weight gathering.
 
 What it does:
-- `from_env()`: under torchrun (WORLD_SIZE > 1) joins the process group that torchrun's rendezvous set up (gloo for
+- `from_env()`: under torchrun (RANK and WORLD_SIZE set) joins the process group that torchrun's rendezvous set up (gloo for
   CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None. Multi-node runs
   use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
 - `shard(model, dist, mixed_precision=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
@@ -66,10 +66,11 @@ class Dist:
 
 
 def from_env() -> Dist | None:
-    """The process group of a torchrun launch, or None when WORLD_SIZE is absent or 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """The process group of a torchrun launch (RANK and WORLD_SIZE set, even to a world of 1: that runs the sharded
+    path on one device), or None for a plain process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (run on a lent GPU machine from the repository root, $OUT set by the tool):
 # the GPU tests natively (no Triton interpreter), then the loss, paged-attention and sampler benchmarks,
-# JSON and logs to $OUT. Never run yet: no GPU has been lent to this project so far.
+# JSON and logs to $OUT, and the FSDP2 reduced run. Never run yet: no GPU has been lent to this project so far.
 # The machine has torch and triton; what it lacks travels as wheels (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -16,3 +16,7 @@ python -m pytest -q tests/test_policy_loss.py tests/test_paged_attention.py test
     tests/test_sampler.py 2>&1 | tee "$OUT/tests.log"
 BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.py bench/bench_paged_attention.py \
     bench/bench_sampler.py --benchmark-only --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
+# The FSDP2 path on one GPU (a world of 1 under torchrun still shards, with bf16 mixed precision): the reduced run,
+# warm-up included. Needs the package's other dependencies (math-verify, matplotlib) on the machine.
+python -m torch.distributed.run --standalone --nproc_per_node 1 -m acim_fast.run --preset smoke \
+    --out_dir "$OUT/fsdp_smoke" 2>&1 | tail -20 | tee "$OUT/fsdp_smoke.log"

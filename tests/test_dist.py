@@ -1,5 +1,7 @@
-"""acim_fast.dist: one M-step under torchrun with 2 CPU processes (FSDP2 on gloo) equals the single-process step."""
+"""acim_fast.dist: one M-step under torchrun with 2 CPU processes (FSDP2 on gloo) equals the single-process step;
+a 2-process run equals a 1-process run and resumes on another world size. CPU only, even on a GPU machine."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,10 +9,12 @@ from pathlib import Path
 import torch
 
 STEP = Path(__file__).with_name("dist_mstep_step.py")
+CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU: 2 ranks need no 2 GPUs
 
 
 def _run(args, out):
-    done = subprocess.run([sys.executable, *args, str(STEP), str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *args, str(STEP), str(out)], capture_output=True, text=True, timeout=300,
+                          env=CPU)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
@@ -35,7 +39,6 @@ def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_
     reshards on load) to the single-process result."""
     import dataclasses
     import json
-    import os
     import signal
     import time
 
@@ -50,7 +53,7 @@ def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "acim_fast.run", "--preset", "smoke", "--model", str(warm_model),
                              "--out_dir", str(two)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=CPU)
     deadline = time.monotonic() + 300
     while not (two / "checkpoints" / "iter_0001").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -59,7 +62,7 @@ def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
     proc.wait()
     done = subprocess.run([sys.executable, "-m", "acim_fast.run", "--resume", str(two)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=CPU)
     assert done.returncode == 0, done.stderr[-3000:]
 
     def lines(run):
