@@ -390,7 +390,9 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
     finished: set[int] = set()
     while waiting or roots or loop.has_unfinished():
         # Rollouts in flight: started (origins, siblings included) and not finished, plus the groups still to fork.
-        while waiting and len(origins) - len(finished) + (group - 1) * (len(roots) + 1) + 1 <= max_num_seqs:
+        # A problem is admitted while fewer than max_num_seqs are in flight: the batch stays full, and the engine
+        # holds the overflow (at most one group) until sequences finish.
+        while waiting and len(origins) - len(finished) + (group - 1) * len(roots) < max_num_seqs:
             p = waiting.pop(0)
             problem = problems[p]
             params = replace(base, seed=_seed("estep", seed, iteration, problem.source, problem.id))

@@ -158,6 +158,7 @@ class SharedPrefix:
     groups: list[tuple[torch.Tensor, torch.Tensor]]
     suffix_tables: torch.Tensor
     suffix_start: torch.Tensor
+    saved_tokens: int = 0  # K/V token reads the plan saves against reading every sequence whole
 
 
 def plan_shared_prefix(tables: list[list[int]], seq_lens: list[int], block_size: int,
@@ -169,6 +170,7 @@ def plan_shared_prefix(tables: list[list[int]], seq_lens: list[int], block_size:
         by_first.setdefault(t[0], []).append(row)
     prefix = [0] * len(tables)
     groups = []
+    saved = 0
     for rows in by_first.values():
         if len(rows) < 2:
             continue
@@ -182,10 +184,12 @@ def plan_shared_prefix(tables: list[list[int]], seq_lens: list[int], block_size:
             groups.append((torch.tensor(rows, device=device), torch.tensor(tables[rows[0]][:n], device=device)))
             for r in rows:
                 prefix[r] = n
+            saved += (len(rows) - 1) * n * block_size
     width = max(len(t) - p for t, p in zip(tables, prefix))
     suffix = [t[p:] + [0] * (width - len(t) + p) for t, p in zip(tables, prefix)]
     return SharedPrefix(groups=groups, suffix_tables=torch.tensor(suffix, device=device),
-                        suffix_start=torch.tensor([p * block_size for p in prefix], device=device))
+                        suffix_start=torch.tensor([p * block_size for p in prefix], device=device),
+                        saved_tokens=saved)
 
 
 def decode_attention_shared_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

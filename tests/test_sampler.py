@@ -132,6 +132,37 @@ def test_fork_children_equal_unforked_recomputation(model, at_offset):
         torch.testing.assert_close(out.behaviour_logprobs[n:], ref.behaviour_logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prompt_len, forks, shared_path", [(64, 8, True), (8, 2, False)])
+def test_forks_of_a_long_prompt_read_it_once_with_the_same_results(model, monkeypatch, prompt_len, forks,
+                                                                   shared_path):
+    """Decode steps of forks take the shared-prefix attention only when it removes at least half of the K/V reads
+    (a long prompt), and either way every child samples what a fresh sequence would."""
+    import acim_fast.model as model_module
+
+    calls = []
+    real = model_module.decode_attention_shared_prefix
+    monkeypatch.setattr(model_module, "decode_attention_shared_prefix",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = _prompts([prompt_len], seed=3)[0]
+    params = SamplingParams(temperature=0.8, max_new_tokens=4, seed=5)
+    engine = Engine(model, num_blocks=128, block_size=4)
+    parent = engine.add(prompt, params)
+    engine.step()
+    engine.pause(parent)
+    children = engine.fork(parent, forks, at=len(prompt))
+    child_params = [engine.params(c) for c in children]
+    done = _run(engine)
+    assert bool(calls) == shared_path
+    for c, p in zip(children, child_params):
+        fresh = Engine(model, num_blocks=64, block_size=4)
+        fid = fresh.add(prompt, p)
+        ref = _run(fresh)[fid]
+        assert done[c].token_ids == ref.token_ids
+        torch.testing.assert_close(done[c].logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    engine.release(parent)
+    _assert_pool_whole(engine)
+
+
 def test_fork_forbid_bans_only_the_next_token(model):
     prompt = _prompts([6], seed=2)[0]
     engine = Engine(model, num_blocks=32, block_size=4)
