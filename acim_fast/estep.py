@@ -367,6 +367,11 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
     fence = policy.fence_ids
     base = SamplingParams(temperature=cfg.temperature, train_temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, stop_token_ids=policy.stop_token_ids)
+    prose_params = replace(base, banned_token_ids=fence)
+
+    def code_params(trigger: list[int]) -> SamplingParams:
+        # The code prefix is extra: every mode leaves the model the same max_new_tokens of its own.
+        return replace(base, max_new_tokens=base.max_new_tokens + len(trigger))
     origins: dict[int, _Origin] = {}
     siblings = [0] * len(problems)
 
@@ -386,13 +391,38 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
                        max_code_calls=cfg.max_code_calls, max_tool_tokens=cfg.max_tool_tokens, on_cell=on_cell)
     bar = tqdm.tqdm(total=len(problems) * group, desc=f"E-step rollouts ({algo})", disable=not sys.stderr.isatty())
     waiting = list(range(len(problems)))  # problems not started
-    roots: dict[int, int] = {}  # root seq id -> problem, until its group is forked from it
+    # Rollouts still to fork: from a root once its prompt is computed, from a code root once its prefix is.
+    roots: dict[int, int] = {}  # root seq id -> problem
+    code_roots: dict[int, int] = {}  # first forced-code rollout -> problem
     finished: set[int] = set()
-    while waiting or roots or loop.has_unfinished():
-        # Rollouts in flight: started (origins, siblings included) and not finished, plus the groups still to fork.
-        # A problem is admitted while fewer than max_num_seqs are in flight: the batch stays full, and the engine
-        # holds the overflow (at most one group) until sequences finish.
-        while waiting and len(origins) - len(finished) + (group - 1) * len(roots) < max_num_seqs:
+
+    def spawn(parent: int, p: int, n: int, at: int, params: SamplingParams, kind: str, append: list[int]) -> list[int]:
+        """n rollouts of problem p forked from `parent` at `at` (started fresh if it already ended), each with
+        `append` added as forced response tokens."""
+        ids, trigger = prompts[p]
+        if n == 0:
+            return []
+        if parent in finished:  # it ended at its first sampled token: nothing to fork from
+            problem = problems[p]
+            children = [loop.add(ids, problem.answer, replace(params, seed=_seed(
+                "estep", seed, iteration, problem.source, problem.id, kind, j))) for j in range(n)]
+            append = trigger if kind == "code" else []
+        else:
+            children = loop.fork(parent, n, at=at, params=params)
+        for child in children:
+            if append:
+                engine.append(child, append)  # loss mask 0: not the model's choice
+            origins[child] = _Origin(problem=p, kind=kind, prefix=len(trigger) if kind == "code" else 0)
+        return children
+
+    def pending() -> int:
+        return (group - 1) * len(roots) + (k_code - 1) * len(code_roots)
+
+    while waiting or roots or code_roots or loop.has_unfinished():
+        # Rollouts in flight: started (origins, siblings included) and not finished, plus those still to fork. A
+        # problem is admitted while fewer than max_num_seqs are in flight: the batch stays full, and the engine holds
+        # the overflow (at most one group) until sequences finish.
+        while waiting and len(origins) - len(finished) + pending() < max_num_seqs:
             p = waiting.pop(0)
             problem = problems[p]
             params = replace(base, seed=_seed("estep", seed, iteration, problem.source, problem.id))
@@ -401,32 +431,27 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
             roots[root] = p
         done = loop.step()
         finished.update(done)
-        bar.total = len(origins) + len(roots) * (group - 1) + len(waiting) * group  # siblings add to it
+        bar.total = len(origins) + pending() + len(waiting) * group  # siblings add to it
         bar.update(len(done))
         for root, p in list(roots.items()):
             # Fork the group once the root's prompt is computed (it sampled its first token), sharing those blocks.
-            out = engine.output(root)
-            if not out.token_ids:
+            if not engine.output(root).token_ids and root not in finished:
                 continue
             del roots[root]
             ids, trigger = prompts[p]
-            # The code prefix is extra: every mode leaves the model the same max_new_tokens of its own.
-            plans = [("free", k_free - 1, base),
-                     ("code", k_code, replace(base, max_new_tokens=base.max_new_tokens + len(trigger))),
-                     ("prose", k_prose, replace(base, banned_token_ids=fence))]
-            for kind, n, params in plans:
-                if n == 0:
-                    continue
-                if root in finished:  # ended at its first token: nothing to fork from, start fresh
-                    children = [loop.add(ids, problems[p].answer,
-                                         replace(params, seed=_seed("estep", seed, iteration, p, kind, j)))
-                                for j in range(n)]
-                else:
-                    children = loop.fork(root, n, at=len(ids), params=params)
-                for child in children:
-                    if kind == "code":
-                        engine.append(child, trigger)  # forced response tokens: loss mask 0
-                    origins[child] = _Origin(problem=p, kind=kind, prefix=len(trigger) if kind == "code" else 0)
+            spawn(root, p, k_free - 1, len(ids), base, "free", [])
+            spawn(root, p, k_prose, len(ids), prose_params, "prose", [])
+            if k_code:
+                (code_root,) = spawn(root, p, 1, len(ids), code_params(trigger), "code", trigger)
+                if k_code > 1:
+                    code_roots[code_root] = p
+        for code_root, p in list(code_roots.items()):
+            # The other forced-code rollouts fork from the first once it has computed the prefix.
+            ids, trigger = prompts[p]
+            if len(engine.output(code_root).token_ids) <= len(trigger) and code_root not in finished:
+                continue
+            del code_roots[code_root]
+            spawn(code_root, p, k_code - 1, len(ids) + len(trigger), code_params(trigger), "code", [])
     bar.close()
     records = loop.run_until_done()
     stats = dataclasses.asdict(engine.stats)
