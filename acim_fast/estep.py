@@ -5,8 +5,9 @@ What it does, per problem (`explore`):
   computed, every other rollout of the problem is forked from it at the end of the prompt, so the prompt's KV blocks
   are computed once and shared copy-on-write. Per problem: `k_free` unguided rollouts (the model decides, estimating
   pi(code|x)), `k_code` with code forced by the code prefix of `prompts.build_prompt` (its ids appended as forced
-  response tokens: loss mask 0, not the model's choice) and `k_prose` with prose forced by banning the fence-start
-  ids at every step (`Policy.fence_ids`). With `algo="grpo"` all `k_free + k_code + k_prose` are unguided.
+  response tokens: loss mask 0, not the model's choice; the first forced-code rollout computes them and the others
+  fork from it) and `k_prose` with prose forced by banning the fence-start ids at every step (`Policy.fence_ids`).
+  With `algo="grpo"` all `k_free + k_code + k_prose` are unguided.
 - Decision-point forking (`decision_fork`): when a rollout closes a python cell, before it runs, a sibling is forked
   at the token where the cell opened, forbidden to open it there and banned from opening any cell afterwards (it
   continues in prose). "first": at a rollout's first cell only; "every": at each cell; at most `fork_cap` siblings
@@ -353,8 +354,9 @@ def _sample(record: RolloutRecord, origin: _Origin, decision: str, advantage: fl
 
 def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: str, sandbox: Sandbox, seed: int,
               iteration: int) -> tuple[list[RolloutRecord], list[_Origin], dict[str, int]]:
-    """Every rollout of every problem, with where each came from. Problems are admitted while fewer than
-    `max_num_seqs` rollouts are in flight (a problem's whole group at once), so the pool never overflows."""
+    """Every rollout of every problem, with where each came from. A problem's whole group is admitted while fewer
+    than `max_num_seqs` rollouts are in flight, so the batch stays full; the pool is sized for `max_num_seqs`
+    sequences, and the engine preempts (and later recomputes) the youngest if the overflow outgrows it."""
     k_free, k_code, k_prose = ((cfg.k_free + cfg.k_code + cfg.k_prose, 0, 0) if algo == "grpo"
                                else (cfg.k_free, cfg.k_code, cfg.k_prose))
     group = k_free + k_code + k_prose
@@ -372,6 +374,7 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
     def code_params(trigger: list[int]) -> SamplingParams:
         # The code prefix is extra: every mode leaves the model the same max_new_tokens of its own.
         return replace(base, max_new_tokens=base.max_new_tokens + len(trigger))
+
     origins: dict[int, _Origin] = {}
     siblings = [0] * len(problems)
 
