@@ -2,7 +2,7 @@
 # The README's experiment: AutoCode EM vs the GRPO baseline on the embedded task, same rollout budget, 3 seeds, plus
 # EM with the "value" reference strategy. Each seed warms up one tiny model (in the EM run) and every algorithm
 # starts from it, so runs of a seed differ only in the algorithm. Writes runs/em_vs_grpo/{em,grpo,emvalue}_s<seed>/,
-# prints the comparison tables and draws compare.png / value.png beside them (about 45 minutes on 2 CPU cores).
+# prints the comparison tables and draws compare.png / value.png beside them (about 35 minutes on 2 CPU cores).
 set -euo pipefail
 out=${1:-runs/em_vs_grpo}
 for seed in 0 1 2; do
