@@ -22,11 +22,8 @@ from typing import Any
 from acim_fast.estep import EStepConfig
 from acim_fast.evaluate import EvalOptions
 from acim_fast.mstep import MStepConfig
+from acim_fast.options import check_int, option
 from acim_kernels import LossConfig
-
-
-def _opt(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
 
 
 ALGOS = ("em", "grpo")
@@ -38,27 +35,28 @@ class Config:
     """Everything a run needs. Defaults are the embedded CPU default (`default_preset`)."""
 
     # -- model and data --
-    model: str | None = _opt(None, "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
-                             "none = the embedded tiny model, created and warmed up in <out_dir>/warmup",
-                             "model and data")
-    data: str | None = _opt(None, "training problems, jsonl with 'problem' and 'answer' (or hf:<name>...); "
-                            "none = the embedded task", "model and data")
-    eval_data: str | None = _opt(None, "held-out problems; none = eval_problems problems split off --data "
-                                 "(or the embedded task's held-out split)", "model and data")
-    device: str = _opt("cpu", "torch device of the model (cpu, cuda, cuda:1 ...)", "model and data")
-    dtype: str | None = _opt(None, "float32 | bfloat16 | float16; none = the checkpoint's", "model and data")
+    model: str | None = option(None, "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
+                               "none = the embedded tiny model, created and warmed up in <out_dir>/warmup",
+                               group="model and data")
+    data: str | None = option(None, "training problems, jsonl with 'problem' and 'answer' (or hf:<name>...); "
+                              "none = the embedded task", group="model and data")
+    eval_data: str | None = option(None, "held-out problems; none = eval_problems problems split off --data "
+                                   "(or the embedded task's held-out split)", group="model and data")
+    device: str = option("cpu", "torch device of the model (cpu, cuda, cuda:1 ...)", group="model and data")
+    dtype: str | None = option(None, "float32 | bfloat16 | float16; none = the checkpoint's", group="model and data")
     # -- run --
-    out_dir: str = _opt("runs/default", "run directory: config.json, metrics.jsonl, report.png, checkpoints/",
-                        "run")
-    seed: int = _opt(0, "seed of every random choice of the run (warm-up data, rollouts, shuffles)", "run")
-    algo: str = _opt("em", "em: AutoCode's EM (E-step exploration + off-policy M-step); grpo: the on-policy "
-                     "baseline at the same rollout budget (unguided samples, ppo objective, no decision loss)",
-                     "run")
-    iterations: int = _opt(6, "EM iterations (E-step, M-step, evaluation, checkpoint)", "run")
-    problems_per_iter: int = _opt(64, "problems explored per iteration (a deterministic walk through the "
-                                  "shuffled training set)", "run")
-    eval_problems: int = _opt(96, "held-out problems evaluated after every iteration", "run")
-    warmup_steps: int = _opt(1200, "warm-up SFT steps of the embedded tiny model (ignored with --model)", "run")
+    out_dir: str = option("runs/default", "run directory: config.json, metrics.jsonl, report.png, checkpoints/",
+                          group="run")
+    seed: int = option(0, "seed of every random choice of the run (warm-up data, rollouts, shuffles)", group="run")
+    algo: str = option("em", "em: AutoCode's EM (E-step exploration + off-policy M-step); grpo: the on-policy "
+                       "baseline at the same rollout budget (unguided samples, ppo objective, no decision loss)",
+                       group="run")
+    iterations: int = option(6, "EM iterations (E-step, M-step, evaluation, checkpoint)", group="run")
+    problems_per_iter: int = option(64, "problems explored per iteration (a deterministic walk through the "
+                                    "shuffled training set)", group="run")
+    eval_problems: int = option(96, "held-out problems evaluated after every iteration", group="run")
+    warmup_steps: int = option(1200, "warm-up SFT steps of the embedded tiny model (ignored with --model)",
+                               group="run")
     # -- the phases (see each class for its fields) --
     estep: EStepConfig = field(default_factory=EStepConfig, metadata={"group": "estep"})
     mstep: MStepConfig = field(default_factory=MStepConfig, metadata={"group": "mstep"})
@@ -71,9 +69,7 @@ class Config:
     def __post_init__(self) -> None:
         for name, minimum in (("seed", 0), ("iterations", 0), ("problems_per_iter", 1), ("eval_problems", 1),
                               ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"Config.{name} must be an int >= {minimum}, got {value!r}")
+            check_int(self, name, minimum)
         if not self.out_dir:
             raise ValueError("Config.out_dir must not be empty")
         if self.algo not in ALGOS:

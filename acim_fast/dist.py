@@ -1,9 +1,9 @@
 """Data-parallel training with FSDP2 under torchrun: process group, sharding, collectives and weight gathering.
 
 What it does:
-- `from_env()`: under torchrun (RANK and WORLD_SIZE set) joins the process group that torchrun's rendezvous set up (gloo for
-  CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None. Multi-node runs
-  use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
+- `from_env()`: under torchrun (RANK and WORLD_SIZE set) joins the process group that torchrun's rendezvous set up
+  (gloo for CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None.
+  Multi-node runs use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
 - `shard(model, dist, mixed_precision=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
   final norm, lm_head); `forward_hidden` is registered as a forward method so FSDP gathers the parameters around it.
   The root keeps its parameters gathered from forward to backward (FSDP2's default for the root), which is what lets

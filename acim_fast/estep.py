@@ -54,12 +54,13 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import tqdm
 
 from acim_fast.data import Problem
+from acim_fast.options import check_int, option
 from acim_fast.policy import Policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
 from acim_fast.sampler import Engine, SamplingParams
@@ -73,45 +74,36 @@ GROUPS = ("problem", "decision")
 _BLOCK_SIZE = 16
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(kw_only=True, slots=True)
 class EStepConfig:
     """What the E-step samples and how it turns rollouts into a buffer (see the module docstring)."""
 
-    k_code: int = _opt(8, "rollouts per problem with code forced by the code prefix")
-    k_prose: int = _opt(8, "rollouts per problem with prose forced (fence-start tokens banned)")
-    k_free: int = _opt(4, "unguided rollouts per problem (estimate pi(code|x)); grpo samples all k's unguided")
-    temperature: float = _opt(1.0, "sampling temperature; must equal loss.temperature (behaviour log-probs)")
-    max_new_tokens: int = _opt(200, "what a rollout may write, tool output included (the code prefix is extra)")
-    decision_fork: str = _opt("first", "fork a prose sibling where a cell opens: off | first (first cell) | every")
-    fork_cap: int = _opt(4, "siblings per problem at most")
-    s_star: str = _opt("hardmax", "reference strategy: posterior | tempered | hardmax | value")
-    alpha: float = _opt(4.0, "inverse temperature of the tempered reference strategy")
-    margin: float = _opt(0.1, "the value form picks code only when its success rate beats prose's by more than this")
-    pi_floor: float = _opt(0.1, "pi_hat(c|x) is clipped to [pi_floor, 1 - pi_floor] in the reference strategy")
-    drop: str = _opt("all_fail", "problems without signal: all_fail (every rollout failed) | uniform (equal rewards)")
-    buffer_per_problem: int = _opt(8, "training samples per kept problem (em); their decision mix follows s*")
-    advantage_group: str = _opt("problem", "rewards are whitened over: problem (all rollouts) | decision")
-    keep_trigger: bool = _opt(False, "keep the forced code prefix in training samples (masked) instead of cutting it")
-    max_code_calls: int = _opt(2, "python cells run per rollout")
-    max_tool_tokens: int = _opt(64, "tokens of one appended output block")
-    sandbox_timeout_s: float = _opt(5.0, "wall-clock limit of one python cell")
-    max_num_seqs: int = _opt(256, "rollouts decoded together; the KV pool is sized for this many")
+    k_code: int = option(8, "rollouts per problem with code forced by the code prefix")
+    k_prose: int = option(8, "rollouts per problem with prose forced (fence-start tokens banned)")
+    k_free: int = option(4, "unguided rollouts per problem (estimate pi(code|x)); grpo samples all k's unguided")
+    temperature: float = option(1.0, "sampling temperature; must equal loss.temperature (behaviour log-probs)")
+    max_new_tokens: int = option(200, "what a rollout may write, tool output included (the code prefix is extra)")
+    decision_fork: str = option("first", "fork a prose sibling where a cell opens: off | first (first cell) | every")
+    fork_cap: int = option(4, "siblings per problem at most")
+    s_star: str = option("hardmax", "reference strategy: posterior | tempered | hardmax | value")
+    alpha: float = option(4.0, "inverse temperature of the tempered reference strategy")
+    margin: float = option(0.1, "the value form picks code only when its success rate beats prose's by more than this")
+    pi_floor: float = option(0.1, "pi_hat(c|x) is clipped to [pi_floor, 1 - pi_floor] in the reference strategy")
+    drop: str = option("all_fail", "problems without signal: all_fail (every rollout failed) | uniform (equal rewards)")
+    buffer_per_problem: int = option(8, "training samples per kept problem (em); their decision mix follows s*")
+    advantage_group: str = option("problem", "rewards are whitened over: problem (all rollouts) | decision")
+    keep_trigger: bool = option(False, "keep the forced code prefix in training samples (masked) instead of cutting it")
+    max_code_calls: int = option(2, "python cells run per rollout")
+    max_tool_tokens: int = option(64, "tokens of one appended output block")
+    sandbox_timeout_s: float = option(5.0, "wall-clock limit of one python cell")
+    max_num_seqs: int = option(256, "rollouts decoded together; the KV pool is sized for this many")
 
     def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"EStepConfig.{name} must be an int >= {minimum}, got {value!r}")
-
         for name in ("k_code", "k_prose", "fork_cap", "max_code_calls"):
-            integer(name, 0)
-        integer("k_free", 1)  # the first unguided rollout is the one the others fork from
+            check_int(self, name, 0)
+        check_int(self, "k_free", 1)  # the first unguided rollout is the one the others fork from
         for name in ("max_new_tokens", "buffer_per_problem", "max_tool_tokens", "max_num_seqs"):
-            integer(name, 1)
+            check_int(self, name, 1)
         if self.k_code + self.k_prose + self.k_free < 2:
             raise ValueError("EStepConfig: k_code + k_prose + k_free must be >= 2 (advantages need a group)")
         for name, allowed in (("decision_fork", FORKS), ("s_star", FORMS), ("drop", DROPS),
@@ -299,8 +291,9 @@ def explore(policy: Policy, problems: Sequence[Problem], cfg: EStepConfig, *, al
                                         pi_floor=cfg.pi_floor, margin=cfg.margin)
             dropped = (s_code is None or max(rewards) == 0
                        or (cfg.drop == "uniform" and min(rewards) == max(rewards)))
-        stats.append(ProblemStats(key=f"{problems[p].source}/{problems[p].id}", pi_code=pi_code, q_code=q_code, q_prose=q_prose, n_code=len(q["code"]),
-                                  n_prose=len(q["prose"]), s_code=s_code, dropped=dropped))
+        stats.append(ProblemStats(key=f"{problems[p].source}/{problems[p].id}", pi_code=pi_code, q_code=q_code,
+                                  q_prose=q_prose, n_code=len(q["code"]), n_prose=len(q["prose"]), s_code=s_code,
+                                  dropped=dropped))
         groups = decisions if cfg.advantage_group == "decision" and algo == "em" else [0] * len(idx)
         for i, d, a in zip(idx, decisions, whiten(rewards, groups)):
             samples[i] = _sample(records[i], origins[i], d, a, cfg.keep_trigger)

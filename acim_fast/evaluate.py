@@ -43,7 +43,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -51,6 +51,7 @@ import tqdm
 
 from acim_fast.atomic import atomic_write
 from acim_fast.data import Problem, load_problems
+from acim_fast.options import check_int, option
 from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
 from acim_fast.sampler import Engine, SamplingParams
@@ -60,42 +61,30 @@ DECISIONS = ("code", "prose")
 _BLOCK_SIZE = 16
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalOptions:
     """What `evaluate` runs; every field is validated with a ValueError naming it, and is a CLI flag."""
 
-    k: int = _opt(4, "sampled rollouts per forced decision (code, prose) and problem")
-    temperature: float = _opt(1.0, "temperature of the forced-decision samples (the autonomous rollout is greedy)")
-    top_p: float = _opt(1.0, "top-p of the forced-decision samples")
-    seed: int = _opt(0, "seed of the forced-decision samples")
-    max_new_tokens: int = _opt(1024, "response budget of every rollout (what the model writes + tool output)")
-    threshold: float = _opt(0.5, "a forced decision succeeds on a problem when its success rate is above this")
-    max_code_calls: int = _opt(4, "python cells run per rollout; later ones get a limit notice")
-    max_tool_tokens: int = _opt(256, "tokens of one appended output block")
-    sandbox_timeout_s: float = _opt(10.0, "wall-clock limit of one python cell")
-    max_num_seqs: int = _opt(64, "sequences decoded together; the KV pool is sized for this many")
+    k: int = option(4, "sampled rollouts per forced decision (code, prose) and problem")
+    temperature: float = option(1.0, "temperature of the forced-decision samples (the autonomous rollout is greedy)")
+    top_p: float = option(1.0, "top-p of the forced-decision samples")
+    seed: int = option(0, "seed of the forced-decision samples")
+    max_new_tokens: int = option(1024, "response budget of every rollout (what the model writes + tool output)")
+    threshold: float = option(0.5, "a forced decision succeeds on a problem when its success rate is above this")
+    max_code_calls: int = option(4, "python cells run per rollout; later ones get a limit notice")
+    max_tool_tokens: int = option(256, "tokens of one appended output block")
+    sandbox_timeout_s: float = option(10.0, "wall-clock limit of one python cell")
+    max_num_seqs: int = option(64, "sequences decoded together; the KV pool is sized for this many")
 
     def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"EvalOptions.{name} must be an int >= {minimum}, got {value!r}")
-
         def number(name: str, ok: Callable[[float], bool], expected: str) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"EvalOptions.{name} must be {expected}, got {value!r}")
 
-        integer("k", 1)
-        integer("seed", 0)
-        integer("max_new_tokens", 1)
-        integer("max_code_calls", 0)
-        integer("max_tool_tokens", 1)
-        integer("max_num_seqs", 1)
+        for name, minimum in (("k", 1), ("seed", 0), ("max_new_tokens", 1), ("max_code_calls", 0),
+                              ("max_tool_tokens", 1), ("max_num_seqs", 1)):
+            check_int(self, name, minimum)
         number("temperature", lambda v: 0 <= v < float("inf"), "a finite number >= 0")
         number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
         # At 1 no rate could exceed it: nothing would ever be labelled.

@@ -4,14 +4,14 @@ What it does:
 - `MStep` owns the optimiser (AdamW, decay on matrices only) and the learning-rate schedule (linear warm-up, then
   cosine to `min_lr_ratio` over `total_steps` optimiser steps of the whole run), so both carry across EM iterations
   and are checkpointed (`state_dict` / `load_state_dict`).
-- `MStep.train(samples, loss, seed=...)`: `epochs` passes over the samples in a seeded shuffled order, `samples_per_step`
-  samples per optimiser step. A step's samples are packed (`acim_fast.packing`) into micro-batches of at most
-  `micro_batch_tokens` rows, each through the dense path (`CausalLM.forward_hidden`) and `acim_kernels.policy_loss`
-  (per token: the sample's advantage, its behaviour log-prob as `old_logp`, its loss mask, its decision mask as
-  `sft_mask`), gradients accumulated with the step's global normaliser (its valid tokens, or sequences for
-  `seq_mean_token_mean`), so a step's loss does not depend on how it was cut into micro-batches. Then gradient
-  clipping (`grad_clip`, 0 = off) and the optimiser step. A step whose loss or gradient norm is not finite is
-  skipped (gradients dropped, the schedule does not advance) and counted in the metrics.
+- `MStep.train(samples, loss, seed=...)`: `epochs` passes over the samples in a seeded shuffled order,
+  `samples_per_step` samples per optimiser step. A step's samples are packed (`acim_fast.packing`) into
+  micro-batches of at most `micro_batch_tokens` rows, each through the dense path (`CausalLM.forward_hidden`) and
+  `acim_kernels.policy_loss` (per token: the sample's advantage, its behaviour log-prob as `old_logp`, its loss
+  mask, its decision mask as `sft_mask`), gradients accumulated with the step's global normaliser (its valid tokens,
+  or sequences for `seq_mean_token_mean`), so a step's loss does not depend on how it was cut into micro-batches.
+  Then gradient clipping (`grad_clip`, 0 = off) and the optimiser step. A step whose loss or gradient norm is not
+  finite is skipped (gradients dropped, the schedule does not advance) and counted in the metrics.
 - `recompute_logprobs(model, samples, ...)`: each sample's response log-probs under the training forward (no
   gradient), at the loss temperature. `behaviour_gap` compares them with the sampler's: the largest and mean absolute
   gap over trained tokens of samples whose context the sampler saw unchanged (a forced prefix cut out changes the
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 from acim_fast.dist import Dist
 from acim_fast.estep import Sample
 from acim_fast.model import CausalLM
+from acim_fast.options import check_int, option
 from acim_fast.optim import adamw, lr_factor
 from acim_fast.packing import Pack, Row, pack
 from acim_kernels import LossConfig, policy_loss
@@ -49,33 +50,27 @@ from acim_kernels import LossConfig, policy_loss
 BEHAVIOURS = ("sampler", "recompute")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(kw_only=True, slots=True)
 class MStepConfig:
     """How the M-step trains on a buffer (see the module docstring)."""
 
-    epochs: int = _opt(2, "passes over the buffer per EM iteration")
-    lr: float = _opt(1e-4, "peak learning rate")
-    warmup_steps: int = _opt(4, "optimiser steps of linear learning-rate warm-up")
-    min_lr_ratio: float = _opt(0.1, "the cosine decays to lr * this at the run's last step")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (matrices only)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "max global gradient norm; 0 = off")
-    samples_per_step: int = _opt(64, "samples per optimiser step")
-    micro_batch_tokens: int = _opt(8192, "rows (tokens) per micro-batch; a sample longer than this is an error")
-    behaviour: str = _opt("sampler", "old_logp of the ratio: sampler (behaviour log-probs) | recompute (training "
+    epochs: int = option(2, "passes over the buffer per EM iteration")
+    lr: float = option(1e-4, "peak learning rate")
+    warmup_steps: int = option(4, "optimiser steps of linear learning-rate warm-up")
+    min_lr_ratio: float = option(0.1, "the cosine decays to lr * this at the run's last step")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 = off")
+    samples_per_step: int = option(64, "samples per optimiser step")
+    micro_batch_tokens: int = option(8192, "rows (tokens) per micro-batch; a sample longer than this is an error")
+    behaviour: str = option("sampler", "old_logp of the ratio: sampler (behaviour log-probs) | recompute (training "
                           "forward before the first update)")
 
     def __post_init__(self) -> None:
         for name, minimum in (("epochs", 1), ("warmup_steps", 0), ("samples_per_step", 1),
                               ("micro_batch_tokens", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"MStepConfig.{name} must be an int >= {minimum}, got {value!r}")
+            check_int(self, name, minimum)
         if not self.lr >= 0:  # 0 is allowed: a step that changes nothing (ratio checks)
             raise ValueError(f"MStepConfig.lr must be >= 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -43,6 +43,7 @@ import torch
 
 from acim_fast.model import CausalLM
 from acim_fast.optim import adamw, lr_factor
+from acim_fast.options import check_int
 from acim_fast.packing import Pack, Row, pack
 from acim_fast.prompts import MODES, CellFormat, build_prompt, fence_start_ids
 from acim_fast.rollout import RolloutLoop
@@ -85,14 +86,8 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "pack_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SFTConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"SFTConfig.{name} must be an int >= 0, got {value!r}")
+        for name, minimum in (("steps", 1), ("pack_tokens", 1), ("warmup_steps", 0), ("seed", 0)):
+            check_int(self, name, minimum)
         if not self.lr > 0:
             raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
         for name in ("min_lr_ratio", "code_fraction", "trigger_fraction"):

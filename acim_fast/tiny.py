@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from acim_fast.model import CausalLM, ModelConfig
+from acim_fast.options import check_int
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -97,9 +98,7 @@ class TinyConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TinyConfig.{name} must be an int >= 1, got {value!r}")
+            check_int(self, name, 1)
         if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 32 \
                 or self.head_dim % 2:
             raise ValueError(f"TinyConfig.head_dim must be an even int >= 32 (vLLM's minimum), got {self.head_dim!r}")
@@ -110,8 +109,7 @@ class TinyConfig:
             raise ValueError(f"TinyConfig.rope_theta must be > 0, got {self.rope_theta}")
         if not self.init_std > 0:
             raise ValueError(f"TinyConfig.init_std must be > 0, got {self.init_std}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TinyConfig.seed must be an int >= 0, got {self.seed!r}")
+        check_int(self, "seed", 0)
 
 
 def hf_config(config: TinyConfig, tokenizer: Tokenizer) -> dict:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from acim_fast.config import smoke_preset
 from acim_fast.run import iteration_problems, problems_of, train
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer/.metadata", "eval.json")
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer/.metadata",
+         "eval.json")
 
 
 def _smoke(out_dir, model, **changes):

@@ -13,7 +13,7 @@ import torch
 
 from acim_fast.packing import Row, pack
 from acim_fast.prompts import CODE_TRIGGER, CellFormat, build_prompt
-from acim_fast.sft import (SFTConfig, demonstration, examples, first_token_code_prob, format_regions,
+from acim_fast.sft import (Example, SFTConfig, demonstration, examples, first_token_code_prob, format_regions,
                            measure_regions, sft_loss, train_sft)
 from acim_fast.task import FAMILIES, generate
 from acim_fast.tiny import EOS, TinyConfig, build_model, build_tokenizer, codec, create_tiny
