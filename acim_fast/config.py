@@ -23,10 +23,12 @@ from acim_fast.estep import EStepConfig
 from acim_fast.evaluate import EvalOptions
 from acim_fast.mstep import MStepConfig
 from acim_fast.options import check_int, option
+from acim_fast.vllm_engine import VLLMOptions
 from acim_kernels import LossConfig
 
 
 ALGOS = ("em", "grpo")
+BACKENDS = ("ours", "vllm")
 PRESETS = ("default", "smoke")
 
 
@@ -57,6 +59,9 @@ class Config:
     eval_problems: int = option(96, "held-out problems evaluated after every iteration", group="run")
     warmup_steps: int = option(1200, "warm-up SFT steps of the embedded tiny model (ignored with --model)",
                                group="run")
+    rollout_backend: str = option("ours", "engine of the E-step and evaluation rollouts: ours (the paged sampler "
+                                  "that forks with copy-on-write) | vllm (vLLM's offline engine, one process; "
+                                  "see --vllm.*)", group="run")
     # -- the phases (see each class for its fields) --
     estep: EStepConfig = field(default_factory=EStepConfig, metadata={"group": "estep"})
     mstep: MStepConfig = field(default_factory=MStepConfig, metadata={"group": "mstep"})
@@ -65,6 +70,7 @@ class Config:
     eval: EvalOptions = field(default_factory=lambda: EvalOptions(
         k=4, max_new_tokens=200, max_code_calls=2, max_tool_tokens=64, sandbox_timeout_s=5.0, max_num_seqs=256),
         metadata={"group": "eval"})
+    vllm: VLLMOptions = field(default_factory=VLLMOptions, metadata={"group": "vllm"})
 
     def __post_init__(self) -> None:
         for name, minimum in (("seed", 0), ("iterations", 0), ("problems_per_iter", 1), ("eval_problems", 1),
@@ -74,6 +80,8 @@ class Config:
             raise ValueError("Config.out_dir must not be empty")
         if self.algo not in ALGOS:
             raise ValueError(f"Config.algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.rollout_backend not in BACKENDS:
+            raise ValueError(f"Config.rollout_backend must be one of {BACKENDS}, got {self.rollout_backend!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"Config.dtype must be float32, bfloat16, float16 or none, got {self.dtype!r}")
         if self.loss.temperature != self.estep.temperature:
@@ -180,8 +188,9 @@ def _parser_for(kind: Any):
 
 
 def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentParser:
-    """The command line: `--preset`, `--resume` and one flag per leaf field (`--estep.k_code 4`). Field flags have
-    no argparse default (what was not given is absent from the namespace); `--help` shows the default preset's."""
+    """The command line: `--preset`, `--resume` and one flag per leaf field (`--estep.k_code 4`, also spelt
+    `--estep.k-code 4`). Field flags have no argparse default (what was not given is absent from the namespace);
+    `--help` shows the default preset's."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Train a math LM with AutoCode (EM over the decision to write code).")
     parser.add_argument("--preset", choices=PRESETS, default="default",
@@ -197,7 +206,8 @@ def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentPars
         default: Any = defaults
         for part in name.split("."):
             default = getattr(default, part)
-        group.add_argument(f"--{name}", dest=name, type=_parser_for(kind), default=argparse.SUPPRESS,
+        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # one, or both
+        group.add_argument(*spellings, dest=name, type=_parser_for(kind), default=argparse.SUPPRESS,
                            metavar=getattr(typing.get_args(kind)[0] if typing.get_args(kind) else kind,
                                            "__name__", "VALUE").upper(),
                            help=f"{f.metadata.get('help', '')} (default: {default})")

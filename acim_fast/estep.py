@@ -63,7 +63,7 @@ from acim_fast.data import Problem
 from acim_fast.options import check_int, option
 from acim_fast.policy import Policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import Engine, SamplingParams
+from acim_fast.sampler import SamplingParams
 from acim_fast.sandbox import Sandbox
 
 ALGOS = ("em", "grpo")
@@ -357,8 +357,8 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
     prefix_len = max(len(t) for _, t in prompts)
     per_seq = -(-(max(len(ids) for ids, _ in prompts) + prefix_len + cfg.max_new_tokens) // _BLOCK_SIZE)
     max_num_seqs = max(cfg.max_num_seqs, group)
-    engine = Engine(policy.model, num_blocks=per_seq * max_num_seqs, block_size=_BLOCK_SIZE,
-                    max_num_seqs=max_num_seqs, detokenize=policy.decode)
+    engine = policy.engine(num_blocks=per_seq * max_num_seqs, block_size=_BLOCK_SIZE, max_num_seqs=max_num_seqs,
+                           detokenize=policy.decode)
     fence = policy.fence_ids
     base = SamplingParams(temperature=cfg.temperature, train_temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, stop_token_ids=policy.stop_token_ids)

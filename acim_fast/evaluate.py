@@ -54,7 +54,7 @@ from acim_fast.data import Problem, load_problems
 from acim_fast.options import check_int, option
 from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import Engine, SamplingParams
+from acim_fast.sampler import SamplingParams
 from acim_fast.sandbox import Sandbox, SandboxOptions
 
 DECISIONS = ("code", "prose")
@@ -314,9 +314,9 @@ def _rollouts(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: S
                          f"code trigger included) exceed the model's max_position_embeddings {context}")
     per_seq = -(-(longest + opts.max_new_tokens) // _BLOCK_SIZE)
     total = len(problems) * (1 + 2 * opts.k)
-    engine = Engine(lm.model, num_blocks=per_seq * min(total, opts.max_num_seqs), block_size=_BLOCK_SIZE,
-                    max_num_seqs=opts.max_num_seqs, detokenize=lm.decode,
-                    enable_prefix_caching=True)  # the 2k+1 rollouts of a problem share its prompt's blocks
+    engine = lm.engine(num_blocks=per_seq * min(total, opts.max_num_seqs), block_size=_BLOCK_SIZE,
+                       max_num_seqs=opts.max_num_seqs, detokenize=lm.decode,
+                       enable_prefix_caching=True)  # the 2k+1 rollouts of a problem share its prompt's blocks
     loop = RolloutLoop(engine, sandbox, encode=lm.encode, decode=lm.decode, max_code_calls=opts.max_code_calls,
                        max_tool_tokens=opts.max_tool_tokens)
     base = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,

@@ -6,6 +6,8 @@ What it does:
   (None: `prompts.PLAIN_TEMPLATE`). `Policy.prompt_ids(problem)` gives the prompt's ids and the ids of the forced
   code prefix, each encoded on its own (the prompt ends where sampling starts in every mode; see prompts.py);
   `Policy.fence_ids` the tokens that can start a code fence (banned to force prose), computed once.
+- `Policy.engine(...)`: the rollout engine over the policy's weights: our `sampler.Engine`, or, when the policy has a
+  `backend` (e.g. `vllm_engine.VLLMBackend`), the backend's engine with the same interface.
 - `load_policy(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer`. Rollouts stop on the
   tokenizer's eos id and those of config.json.
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 
 from acim_fast.model import CausalLM
 from acim_fast.prompts import build_prompt, fence_start_ids
+from acim_fast.sampler import Engine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +35,7 @@ class Policy:
     stop_token_ids: tuple[int, ...]
     tokenizer: Any = None
     fence_vocab_size: int | None = None  # ids scanned for fence starts; None: the model's vocabulary
+    backend: Any = None  # a rollout backend with .engine(**Engine keywords); None: our sampler on `model`
 
     @functools.cached_property
     def fence_ids(self) -> tuple[int, ...]:
@@ -40,6 +44,12 @@ class Policy:
         if not fence:
             raise ValueError("no token of the vocabulary can start a code fence: forced prose would be no constraint")
         return fence
+
+    def engine(self, **options: Any) -> Engine:
+        """A fresh rollout engine (`Engine`'s constructor keywords) over the policy's current weights."""
+        if self.backend is not None:
+            return self.backend.engine(**options)
+        return Engine(self.model, **options)
 
     def prompt_ids(self, problem: str) -> tuple[list[int], list[int]]:
         """(the prompt's ids, the forced code prefix's ids): one prompt text in every mode, see prompts.py."""

@@ -32,6 +32,7 @@ What it does not do: choose hyper-parameters (see `--help`), or shard the evalua
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -59,6 +60,7 @@ from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.sft import SFTConfig, warm_up
 from acim_fast.task import generate
 from acim_fast.tiny import create_tiny
+from acim_fast.vllm_engine import VLLMBackend
 
 EVAL_SEED = 0  # the embedded task's held-out draw: fixed, so every seed is scored on the same problems
 
@@ -108,6 +110,13 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
         device = config.device
     policy = load_policy(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
     trained = policy.model
+    backend = None
+    if config.rollout_backend == "vllm":
+        if dist is not None:
+            raise ValueError("--rollout_backend vllm runs one vLLM engine in one process: under torchrun use the "
+                             "default --rollout_backend ours")
+        backend = VLLMBackend(start, config.vllm, dtype=config.dtype, seed=config.seed)
+        policy = dataclasses.replace(policy, backend=backend)
     if dist is not None:  # a second copy to shard: the sampler's stays whole and is refreshed after each M-step
         mixed = dist.device.type == "cuda"  # fp32 master shards, bf16 compute, fp32 gradient reduction
         trained = shard(CausalLM.from_pretrained(start, dtype="float32" if mixed else config.dtype, device=device),
@@ -144,7 +153,11 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                 if dist is not None:
                     result = EStepResult.merge(dist.gather(result))
                 record.update(result.metrics)
+                if backend is not None:
+                    backend.sleep()  # its GPU memory is the M-step's until the weights come back
                 record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
+                if backend is not None:  # weight sync: vLLM's copy, in place
+                    backend.load_weights(trained)
                 if dist is not None:  # weight sync: the full weights, one copy at a time, into every sampler
                     state = full_state_dict(trained)
                     load_into(policy.model, state)

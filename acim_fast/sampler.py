@@ -195,9 +195,55 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     return tokens, logp.gather(1, col)[:, 0], behaviour.gather(1, col)[:, 0]
 
 
-def _derive_seed(base: int, fork_index: int, child_index: int) -> int:
+def derive_seed(base: int, fork_index: int, child_index: int) -> int:
+    """The seed of child `child_index` of fork `fork_index` of a sequence seeded `base` (a 63-bit int)."""
     digest = hashlib.blake2b(f"{base}/{fork_index}/{child_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def check_token_ids(ids: Sequence[int], name: str, vocab_size: int) -> list[int]:
+    """`ids` as a list, or ValueError naming `name` if one is not a token id of the vocabulary."""
+    ids = list(ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"{name} holds {t!r}, not a token id in [0, {vocab_size})")
+    return ids
+
+
+def check_params(params: SamplingParams, vocab_size: int, detokenize: Callable | None, *,
+                 name: str = "params") -> None:
+    """What an engine checks of `params` that the params cannot check alone: ids against its vocabulary, stop strings
+    against its detokenizer."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"{name} must be a SamplingParams, got {type(params).__name__}")
+    check_token_ids(params.stop_token_ids, "stop_token_ids", vocab_size)
+    check_token_ids(params.banned_token_ids, "banned_token_ids", vocab_size)
+    if len(params.banned_token_ids) == vocab_size:
+        raise ValueError(f"banned_token_ids bans all {vocab_size} tokens: nothing could be sampled")
+    if params.stop_strings and detokenize is None:
+        raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
+
+
+def stop_string_hit(ids: list[int], prompt_len: int, stops: Sequence[str],
+                    detokenize: Callable[[list[int]], str]) -> str | None:
+    """The stop string that ends inside the text of `ids[-1]`, if any (earliest end wins). Only response text
+    (`ids[prompt_len:]`) is searched: a stop string never starts in the prompt."""
+    # Every token decodes to at least one character in practice; a few extra tokens cover byte-level pieces.
+    window = max(map(len, stops)) + 4
+    tail = ids[max(prompt_len, len(ids) - window):]
+    before = detokenize(tail[:-1])
+    text = detokenize(tail)
+    common = 0
+    for a, b in zip(before, text):
+        if a != b:
+            break
+        common += 1
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, common - len(s) + 1))
+        if i >= 0 and (best is None or i + len(s) < best[0]):
+            best = (i + len(s), s)
+    return None if best is None else best[1]
 
 
 class Engine:
@@ -232,8 +278,7 @@ class Engine:
     # -- public API --
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        check_params(params, self.vocab_size, self.detokenize)
         prompt = self._check_ids(prompt_ids, "prompt_ids")
         if not prompt:
             raise ValueError("prompt_ids must not be empty")
@@ -242,12 +287,6 @@ class Engine:
             raise ValueError(f"prompt over the budget: {len(prompt)} prompt tokens + max_new_tokens "
                              f"{params.max_new_tokens} need {need} KV blocks, the pool has "
                              f"{self.block_manager.num_blocks}")
-        if params.stop_strings and self.detokenize is None:
-            raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
-        self._check_ids(params.stop_token_ids, "stop_token_ids")
-        self._check_ids(params.banned_token_ids, "banned_token_ids")
-        if len(params.banned_token_ids) == self.vocab_size:
-            raise ValueError(f"banned_token_ids bans all {self.vocab_size} tokens: nothing could be sampled")
         if params.seed is None:
             params = replace(params, seed=self._os_random.getrandbits(63))
         seq = _Seq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params,
@@ -309,10 +348,7 @@ class Engine:
         if params is not None:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"params must be None or a SamplingParams, got {type(params).__name__}")
-            self._check_ids(params.stop_token_ids, "stop_token_ids")
-            self._check_ids(params.banned_token_ids, "banned_token_ids")
-            if params.stop_strings and self.detokenize is None:
-                raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
+            check_params(params, self.vocab_size, self.detokenize)
         base = parent.params if params is None else replace(params, seed=parent.params.seed)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -334,7 +370,7 @@ class Engine:
             self.block_manager.fork(parent.id, child_ids, at=kept)
         r = at - parent.prompt_len
         for i, cid in enumerate(child_ids):
-            params = replace(base, seed=_derive_seed(parent.params.seed, parent.num_forks, i))
+            params = replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i))
             child = _Seq(id=cid, prompt_len=parent.prompt_len, ids=parent.ids[:at], params=params,
                          generator=torch.Generator().manual_seed(params.seed), parent=parent.id, fork_pos=at,
                          logprobs=parent.logprobs[:r], behaviour=parent.behaviour[:r],
@@ -378,7 +414,7 @@ class Engine:
         samples. Needs an idle engine, so that no other sequence's output is swallowed."""
         if self._seqs:
             raise ValueError(f"generate needs an idle engine; {len(self._seqs)} sequences are live")
-        ids = [self.add(p, params if params.seed is None else replace(params, seed=_derive_seed(params.seed, -1, i)))
+        ids = [self.add(p, params if params.seed is None else replace(params, seed=derive_seed(params.seed, -1, i)))
                for i, p in enumerate(prompts)]
         done: dict[int, SeqOutput] = {}
         while self.has_unfinished():
@@ -471,7 +507,8 @@ class Engine:
                 results.append(self._finish(seq, "stop"))
             elif len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
                 results.append(self._finish(seq, "length"))
-            elif p.stop_strings and (hit := self._stop_string(seq)) is not None:
+            elif p.stop_strings and (hit := stop_string_hit(seq.ids, seq.prompt_len, p.stop_strings,
+                                                            self.detokenize)) is not None:
                 self.pause(seq.id)
                 seq.finish_reason, seq.stop_string = "stop_string", hit
                 results.append(seq.output())
@@ -615,27 +652,6 @@ class Engine:
             index = self._ban_index[banned] = torch.tensor(banned, dtype=torch.int64, device=self.model.device)
         return index
 
-    def _stop_string(self, seq: _Seq) -> str | None:
-        """The stop string that ends inside the newest token's text, if any (earliest end wins). Only response
-        text is searched: a stop string never starts in the prompt."""
-        stops = seq.params.stop_strings
-        # Every token decodes to at least one character in practice; a few extra tokens cover byte-level pieces.
-        window = max(map(len, stops)) + 4
-        tail = seq.ids[max(seq.prompt_len, len(seq.ids) - window):]
-        before = self.detokenize(tail[:-1])
-        text = self.detokenize(tail)
-        common = 0
-        for a, b in zip(before, text):
-            if a != b:
-                break
-            common += 1
-        best = None
-        for s in stops:
-            i = text.find(s, max(0, common - len(s) + 1))
-            if i >= 0 and (best is None or i + len(s) < best[0]):
-                best = (i + len(s), s)
-        return None if best is None else best[1]
-
     def _finish(self, seq: _Seq, reason: str) -> SeqOutput:
         seq.finish_reason = reason
         out = seq.output()
@@ -655,8 +671,4 @@ class Engine:
             raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
 
     def _check_ids(self, ids: Sequence[int], name: str) -> list[int]:
-        ids = list(ids)
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"{name} holds {t!r}, not a token id in [0, {self.vocab_size})")
-        return ids
+        return check_token_ids(ids, name, self.vocab_size)

