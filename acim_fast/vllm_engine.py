@@ -112,6 +112,7 @@ class VLLMBackend:
         if dtype is None:  # the checkpoint's, as our loader does: vLLM's "auto" would run an fp32 model in 16 bits
             hf = json.loads((path / "config.json").read_text())
             dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        threads = torch.get_num_threads()
         self.llm = vllm.LLM(
             model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
             enable_prefix_caching=True, logprobs_mode="raw_logprobs",
@@ -119,6 +120,8 @@ class VLLMBackend:
             enforce_eager=options.enforce_eager or not self.cuda,
             gpu_memory_utilization=options.gpu_memory_utilization,
             enable_sleep_mode=self.cuda and options.sleep)
+        # vLLM's CPU worker drops torch to one thread for serving; this process also trains, with the threads it had.
+        torch.set_num_threads(threads)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.temperature = 1.0  # the logits scale is 1 / temperature
         self.asleep = False
