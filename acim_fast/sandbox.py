@@ -115,7 +115,7 @@ class SandboxOptions:
     """Limits and pool size of a `Sandbox`; every field is validated with a ValueError naming it."""
 
     timeout_s: float = 10.0  # wall clock per cell, replay of its history included
-    cpu_time_s: int | None = None  # RLIMIT_CPU per process; None: ceil(timeout_s) (bounds busy threads)
+    cpu_time_s: int | None = None  # RLIMIT_CPU per process; None: ceil(timeout_s) + 1 (bounds busy threads)
     memory_bytes: int = 4 << 30  # RLIMIT_AS per process
     max_processes: int = 64  # RLIMIT_NPROC per cell (threads count); only with per-slot uids
     max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE: the largest file a cell can write
@@ -170,8 +170,10 @@ class SandboxOptions:
 
     @property
     def cpu_limit_s(self) -> int:
-        """RLIMIT_CPU in effect: `cpu_time_s`, or the timeout rounded up."""
-        return self.cpu_time_s if self.cpu_time_s is not None else math.ceil(self.timeout_s)
+        """RLIMIT_CPU in effect: `cpu_time_s`, or one second past the timeout rounded up. The process's CPU clock
+        starts at its fork, before the cell's wall clock: at exactly the timeout, one busy thread could hit the CPU
+        limit first, and a cell that merely ran too long would be reported as a CPU-limit kill."""
+        return self.cpu_time_s if self.cpu_time_s is not None else math.ceil(self.timeout_s) + 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -100,7 +100,7 @@ class VLLMBackend:
         if not (path / "config.json").is_file():
             raise ValueError(f"vLLM backend: {path} is not a Hugging Face checkpoint directory (no config.json)")
         # In-process engine core: weights are handed over as tensors and functions run in the worker directly.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kv_cache_gib)
         try:
             import vllm
