@@ -20,6 +20,7 @@ import time
 import pytest
 
 from acim_fast.estep import EStepConfig, explore
+from acim_fast.mstep import behaviour_gap, recompute_logprobs
 from acim_fast.policy import load_policy
 from acim_fast.rollout import RolloutLoop
 from acim_fast.sampler import Engine, SamplingParams
@@ -110,9 +111,11 @@ def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, model_dir, report
         start = time.perf_counter()
         ours = explore(policy, PROBLEMS, CONFIG, sandbox=sandbox, seed=0, iteration=1).metrics
         ours_s = time.perf_counter() - start
-        theirs = benchmark.pedantic(lambda: explore(vllm_policy, PROBLEMS, CONFIG, sandbox=sandbox, seed=0,
-                                                    iteration=1), rounds=1, iterations=1).metrics
-        vllm_s = benchmark.stats.stats.min
+        result = benchmark.pedantic(lambda: explore(vllm_policy, PROBLEMS, CONFIG, sandbox=sandbox, seed=0,
+                                                    iteration=1), rounds=1, iterations=1)
+        theirs, vllm_s = result.metrics, benchmark.stats.stats.min
+    # vLLM's behaviour log-probs against the training forward, on the samples the M-step would score as sampled.
+    gap = behaviour_gap(result.samples, recompute_logprobs(policy.model, result.samples))
 
     def both(key):
         return f"{ours[key]} / {theirs[key]}"
@@ -127,6 +130,8 @@ def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, model_dir, report
         "recomputed tokens (ours / vllm)": both("estep/recomputed_tokens"),
         "prefix tokens reused (ours / vllm)": both("estep/prefix_reused_tokens"),
         "reward mean (ours / vllm)": f"{ours['estep/reward_mean']:.3f} / {theirs['estep/reward_mean']:.3f}",
+        "vllm behaviour log-prob gap to the training forward (max / mean)":
+            f"{gap['mstep/behaviour_gap_max']:.1e} / {gap['mstep/behaviour_gap_mean']:.1e}",
     }
     benchmark.extra_info.update(info)
     report.append("E-step: our sampler vs the vLLM backend (16 problems x 20 rollouts, tiny model)")
