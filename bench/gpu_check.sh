@@ -20,3 +20,11 @@ BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.p
 # warm-up included. Needs the package's other dependencies (math-verify, matplotlib) on the machine.
 python -m torch.distributed.run --standalone --nproc_per_node 1 -m acim_fast.run --preset smoke \
     --out_dir "$OUT/fsdp_smoke" 2>&1 | tail -20 | tee "$OUT/fsdp_smoke.log"
+# The vLLM backend on CUDA (sleep mode included), only where vLLM is installed on the machine (a CUDA vLLM wheel is
+# too large to carry): the same tests as on CPU, then the E-step comparison.
+if python -c "import vllm" 2>/dev/null; then
+    python -m pytest -q tests/test_vllm.py 2>&1 | tail -20 | tee "$OUT/vllm_tests.log"
+    python -m pytest -q bench/bench_estep.py --benchmark-only -k vllm 2>&1 | tail -20 | tee "$OUT/vllm_bench.log"
+else
+    echo "vllm not installed: vLLM GPU checks skipped" | tee "$OUT/vllm_tests.log"
+fi
