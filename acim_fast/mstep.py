@@ -44,7 +44,7 @@ from acim_fast.estep import Sample
 from acim_fast.model import CausalLM
 from acim_fast.options import check_int, option
 from acim_fast.optim import adamw, lr_factor
-from acim_fast.packing import Pack, Row, pack
+from acim_fast.packing import Pack, Row, pack, plan
 from acim_kernels import LossConfig, policy_loss
 
 BEHAVIOURS = ("sampler", "recompute")
@@ -115,11 +115,12 @@ def _packs(rows: list[Row], micro_batch_tokens: int, dist: Dist | None) -> list[
     if dist is None:
         return [(p.rows, p) for p in pack(rows, micro_batch_tokens)]
     shares = [list(range(r, len(rows), dist.world)) for r in range(dist.world)]
-    per_rank = [pack([rows[i] for i in share], micro_batch_tokens) for share in shares]
-    mine = [([shares[dist.rank][j] for j in p.rows], p) for p in per_rank[dist.rank]]
+    counts = [len(plan([len(rows[i].ids) for i in share], micro_batch_tokens)) for share in shares]
+    share = shares[dist.rank]
+    mine = [([share[j] for j in p.rows], p) for p in pack([rows[i] for i in share], micro_batch_tokens)]
     names = rows[0].values.keys() if rows else ("loss_mask", "old_logp", "advantage", "decision")
     (empty,) = pack([Row([0, 0], {k: [0.0, 0.0] for k in names})], micro_batch_tokens)
-    return mine + [([], empty)] * (max(map(len, per_rank)) - len(mine))
+    return mine + [([], empty)] * (max(counts) - len(mine))
 
 
 def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float):

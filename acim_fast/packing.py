@@ -37,40 +37,43 @@ class Pack:
         return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
 
 
-def pack(rows: Iterable[Row], pack_tokens: int) -> list[Pack]:
-    """Greedy packing in order: a sequence goes into the current pack if its rows fit, else starts the next."""
-    packs: list[Pack] = []
-    current: list[tuple[int, Row]] = []
-    used = 0
-    names: tuple[str, ...] | None = None
-
-    def flush() -> None:
-        bounds = [0]
-        for _, r in current:
-            bounds.append(bounds[-1] + len(r.ids) - 1)
-        packs.append(Pack(
-            input_ids=torch.tensor([t for _, r in current for t in r.ids[:-1]], dtype=torch.int64),
-            targets=torch.tensor([t for _, r in current for t in r.ids[1:]], dtype=torch.int64),
-            cu_seqlens=torch.tensor(bounds, dtype=torch.int64),
-            values={k: torch.tensor([v for _, r in current for v in r.values[k][1:]], dtype=torch.float32)
-                    for k in names},
-            rows=[i for i, _ in current]))
-
-    for index, row in enumerate(rows):
-        n = len(row.ids) - 1
+def plan(lengths: Iterable[int], pack_tokens: int) -> list[list[int]]:
+    """Greedy packing in order, by sequence lengths alone: the indices of the sequences of each pack. A sequence of
+    n tokens takes n - 1 rows (inputs and targets are shifted by one)."""
+    bins: list[list[int]] = []
+    used = pack_tokens  # no open pack yet
+    for index, length in enumerate(lengths):
+        n = length - 1
         if n < 1 or n > pack_tokens:
-            raise ValueError(f"a sequence of {len(row.ids)} tokens does not fit pack_tokens={pack_tokens} "
+            raise ValueError(f"a sequence of {length} tokens does not fit pack_tokens={pack_tokens} "
                              f"(it needs 2..{pack_tokens + 1} tokens)")
-        if names is None:
-            names = tuple(row.values)
+        if used + n > pack_tokens:
+            bins.append([])
+            used = 0
+        bins[-1].append(index)
+        used += n
+    return bins
+
+
+def pack(rows: Iterable[Row], pack_tokens: int) -> list[Pack]:
+    """`plan`'s packs, made: a sequence goes into the current pack if its rows fit, else starts the next."""
+    rows = list(rows)
+    names = tuple(rows[0].values) if rows else ()
+    for index, row in enumerate(rows):
         if tuple(row.values) != names or any(len(v) != len(row.ids) for v in row.values.values()):
             raise ValueError(f"row {index}: values must name {names} with one value per token "
                              f"({len(row.ids)}), got { {k: len(v) for k, v in row.values.items()} }")
-        if used + n > pack_tokens:
-            flush()
-            current, used = [], 0
-        current.append((index, row))
-        used += n
-    if current:
-        flush()
+    packs = []
+    for members in plan((len(r.ids) for r in rows), pack_tokens):
+        current = [rows[i] for i in members]
+        bounds = [0]
+        for r in current:
+            bounds.append(bounds[-1] + len(r.ids) - 1)
+        packs.append(Pack(
+            input_ids=torch.tensor([t for r in current for t in r.ids[:-1]], dtype=torch.int64),
+            targets=torch.tensor([t for r in current for t in r.ids[1:]], dtype=torch.int64),
+            cu_seqlens=torch.tensor(bounds, dtype=torch.int64),
+            values={k: torch.tensor([v for r in current for v in r.values[k][1:]], dtype=torch.float32)
+                    for k in names},
+            rows=members))
     return packs

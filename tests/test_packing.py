@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from acim_fast.optim import adamw, lr_factor
-from acim_fast.packing import Row, pack
+from acim_fast.packing import Row, pack, plan
 
 
 def _rows(lengths):
@@ -38,6 +38,18 @@ def test_pack_rejects_what_cannot_be_packed():
         pack([Row([1, 2], {"m": [1, 1]}), Row([1, 2], {"m": [1]})], pack_tokens=8)
     with pytest.raises(ValueError, match="row 1: values must name"):
         pack([Row([1, 2], {"m": [1, 1]}), Row([1, 2], {"n": [1, 1]})], pack_tokens=8)
+
+
+def test_plan_counts_the_packs_pack_makes_from_lengths_alone():
+    # Ranks of the FSDP M-step agree on their micro-batch count with plan, without packing each other's shares.
+    lengths = [5, 3, 9, 2, 2, 7, 4, 10, 3]
+    rows = [Row(list(range(n)), {"m": [1.0] * n}) for n in lengths]
+    for budget in (9, 12, 20):
+        assert plan(lengths, budget) == [p.rows for p in pack(rows, budget)]
+    assert plan(lengths, 9)[:3] == [[0, 1], [2, 3], [4, 5]]  # rows 4+2, then 8+1 (exactly 9), then 1+6
+    assert plan([], 8) == []
+    with pytest.raises(ValueError, match="does not fit"):
+        plan([3, 1], 8)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
