@@ -115,24 +115,21 @@ class EngineStats:
     peak_kv_bytes: int = 0
 
 
-@dataclass(eq=False)
-class _Seq:
+@dataclass(eq=False, kw_only=True)
+class SeqState:
+    """A sequence as every engine keeps it (`EngineBase`); engines add their own state in a subclass."""
+
     id: int
     prompt_len: int
     ids: list[int]  # prompt + response
     params: SamplingParams
-    generator: torch.Generator
     parent: int | None = None
     fork_pos: int | None = None
     logprobs: list[float] = field(default_factory=list)
     behaviour: list[float] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
-    status: str = WAITING
     finish_reason: str | None = None
     stop_string: str | None = None
-    num_computed: int = 0  # leading tokens whose K/V is in the pool (when the sequence holds blocks)
-    high_water: int = 0  # most tokens ever computed: K/V below it computed again counts as recomputation
-    replay: bool = False  # re-read token num_computed-1 as a query (its K/V is cached) to get its logits
     forbid: tuple[int, ...] = ()  # ids banned at the next sampled step
     num_forks: int = 0
 
@@ -142,6 +139,15 @@ class _Seq:
                          logprobs=list(self.logprobs), behaviour_logprobs=list(self.behaviour),
                          loss_mask=list(self.loss_mask), finish_reason=self.finish_reason,
                          stop_string=self.stop_string, parent=self.parent, fork_pos=self.fork_pos)
+
+
+@dataclass(eq=False, kw_only=True)
+class _Seq(SeqState):
+    generator: torch.Generator
+    status: str = WAITING
+    num_computed: int = 0  # leading tokens whose K/V is in the pool (when the sequence holds blocks)
+    high_water: int = 0  # most tokens ever computed: K/V below it computed again counts as recomputation
+    replay: bool = False  # re-read token num_computed-1 as a query (its K/V is cached) to get its logits
 
 
 def filtered_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -246,7 +252,110 @@ def stop_string_hit(ids: list[int], prompt_len: int, stops: Sequence[str],
     return None if best is None else best[1]
 
 
-class Engine:
+class EngineBase:
+    """What every engine shares (ours, `vllm_engine.VLLMEngine`): the table of live sequences, the argument checks of
+    `add`, `append` and `fork`, `append` itself, and outputs. Subclasses start sequences and implement `pause`,
+    `resume`, `release` and `step`. Sequence ids are ints in creation order; a smaller id is an older sequence."""
+
+    def __init__(self, vocab_size: int, detokenize: Callable[[list[int]], str] | None):
+        self.vocab_size = vocab_size
+        self.detokenize = detokenize
+        self._seqs: dict[int, SeqState] = {}
+        self._filled: list[int] = []  # paused sequences whose append used up max_new_tokens: finish next step
+        self._next_id = 0
+        self._os_random = random.SystemRandom()
+
+    def append(self, seq_id: int, token_ids: list[int]) -> None:
+        """Add tool output (loss_mask 0) after the sequence's tokens; the sequence then goes on decoding."""
+        seq = self._get(seq_id)
+        ids = self._check_ids(token_ids, "token_ids")
+        have = len(seq.ids) - seq.prompt_len
+        if have + len(ids) > seq.params.max_new_tokens:
+            raise ValueError(f"append of {len(ids)} tokens to sequence {seq_id} with {have} response tokens exceeds "
+                             f"max_new_tokens {seq.params.max_new_tokens}")
+        self.pause(seq_id)  # nothing is sampled while the tokens go in
+        seq.ids.extend(ids)
+        seq.logprobs.extend([0.0] * len(ids))
+        seq.behaviour.extend([0.0] * len(ids))
+        seq.loss_mask.extend([0] * len(ids))
+        if have + len(ids) == seq.params.max_new_tokens:
+            # Nothing more may be sampled: the next step reports it finished with reason "length".
+            self._filled.append(seq.id)
+        else:
+            self.resume(seq_id)
+
+    def output(self, seq_id: int) -> SeqOutput:
+        return self._get(seq_id).output()
+
+    def params(self, seq_id: int) -> SamplingParams:
+        """The sequence's parameters, with the seed it actually uses (drawn, derived at a fork, or given)."""
+        return self._get(seq_id).params
+
+    # -- for subclasses --
+
+    def _checked_add(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """`add`'s arguments checked: the prompt as a list, and the params with a seed (drawn if none)."""
+        check_params(params, self.vocab_size, self.detokenize)
+        prompt = self._check_ids(prompt_ids, "prompt_ids")
+        if not prompt:
+            raise ValueError("prompt_ids must not be empty")
+        if params.seed is None:
+            params = replace(params, seed=self._os_random.getrandbits(63))
+        return prompt, params
+
+    def _checked_fork(self, seq_id: int, n: int, at: int | None, forbid: Sequence[int],
+                      params: SamplingParams | None) -> tuple[SeqState, int, list[dict]]:
+        """`fork`'s arguments checked: (the parent, `at` resolved, the `SeqState` fields of each child: the parent's
+        first `at` tokens, `params` or the parent's with a seed derived from the parent's, `forbid`)."""
+        parent = self._get(seq_id)
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"params must be None or a SamplingParams, got {type(params).__name__}")
+            check_params(params, self.vocab_size, self.detokenize)
+        base = parent.params if params is None else params
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        total = len(parent.ids)
+        at = total if at is None else at
+        if not isinstance(at, int) or not parent.prompt_len <= at <= total:
+            raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
+                             f"for sequence {seq_id}, got {at!r}")
+        if at - parent.prompt_len >= base.max_new_tokens:
+            raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
+        forbid = tuple(self._check_ids(forbid, "forbid"))
+        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
+            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
+                             f"{self.vocab_size} tokens: nothing could be sampled")
+        r = at - parent.prompt_len
+        children = [dict(id=self._new_id(), prompt_len=parent.prompt_len, ids=parent.ids[:at],
+                         params=replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i)),
+                         parent=parent.id, fork_pos=at, logprobs=parent.logprobs[:r],
+                         behaviour=parent.behaviour[:r], loss_mask=parent.loss_mask[:r], forbid=forbid)
+                    for i in range(n)]
+        parent.num_forks += 1
+        return parent, at, children
+
+    def _finish(self, seq: SeqState, reason: str) -> SeqOutput:
+        seq.finish_reason = reason
+        out = seq.output()
+        self.release(seq.id)
+        return out
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _get(self, seq_id: int) -> SeqState:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
+
+    def _check_ids(self, ids: Sequence[int], name: str) -> list[int]:
+        return check_token_ids(ids, name, self.vocab_size)
+
+
+class Engine(EngineBase):
     """See the module docstring. Sequence ids are ints in creation order; a smaller id is an older sequence."""
 
     def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
@@ -257,38 +366,28 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} must be an int >= 1, got {value!r}")
         cfg = model.config
+        super().__init__(cfg.vocab_size, detokenize)
         self.model = model
-        self.vocab_size = cfg.vocab_size
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.detokenize = detokenize
         self.pool = KVPool(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                            model.dtype, model.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.stats = EngineStats()
-        self._seqs: dict[int, _Seq] = {}
         self._running: list[int] = []  # ids, sorted (oldest first)
         self._waiting: list[int] = []  # ids, sorted
-        self._filled: list[int] = []  # paused sequences whose append used up max_new_tokens: finish next step
-        self._next_id = 0
-        self._os_random = random.SystemRandom()
         self._ban_index: dict[tuple[int, ...], torch.Tensor] = {}  # see _banned_index
 
     # -- public API --
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        check_params(params, self.vocab_size, self.detokenize)
-        prompt = self._check_ids(prompt_ids, "prompt_ids")
-        if not prompt:
-            raise ValueError("prompt_ids must not be empty")
+        prompt, params = self._checked_add(prompt_ids, params)
         need = -(-(len(prompt) + params.max_new_tokens) // self.block_size)
         if need > self.block_manager.num_blocks:
             raise ValueError(f"prompt over the budget: {len(prompt)} prompt tokens + max_new_tokens "
                              f"{params.max_new_tokens} need {need} KV blocks, the pool has "
                              f"{self.block_manager.num_blocks}")
-        if params.seed is None:
-            params = replace(params, seed=self._os_random.getrandbits(63))
         seq = _Seq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params,
                    generator=torch.Generator().manual_seed(params.seed))
         self._seqs[seq.id] = seq
@@ -305,25 +404,6 @@ class Engine:
             return
         (self._running if seq.status == RUNNING else self._waiting).remove(seq.id)
         seq.status, seq.finish_reason = PAUSED, "paused"
-
-    def append(self, seq_id: int, token_ids: list[int]) -> None:
-        """Add tool output (loss_mask 0) after the sequence's tokens; a paused sequence resumes decoding."""
-        seq = self._get(seq_id)
-        ids = self._check_ids(token_ids, "token_ids")
-        have = len(seq.ids) - seq.prompt_len
-        if have + len(ids) > seq.params.max_new_tokens:
-            raise ValueError(f"append of {len(ids)} tokens to sequence {seq_id} with {have} response tokens exceeds "
-                             f"max_new_tokens {seq.params.max_new_tokens}")
-        seq.ids.extend(ids)
-        seq.logprobs.extend([0.0] * len(ids))
-        seq.behaviour.extend([0.0] * len(ids))
-        seq.loss_mask.extend([0] * len(ids))
-        if have + len(ids) == seq.params.max_new_tokens:
-            # Nothing more may be sampled: the next step reports it finished with reason "length".
-            self.pause(seq_id)
-            self._filled.append(seq.id)
-        else:
-            self.resume(seq_id)
 
     def resume(self, seq_id: int) -> None:
         seq = self._get(seq_id)
@@ -344,47 +424,23 @@ class Engine:
         its params) and samples with its own seed derived from the parent's. The children's params are the
         parent's, or `params` (its seed is ignored: the derived one is used). The parent keeps its state (a paused
         parent stays paused)."""
-        parent = self._get(seq_id)
-        if params is not None:
-            if not isinstance(params, SamplingParams):
-                raise ValueError(f"params must be None or a SamplingParams, got {type(params).__name__}")
-            check_params(params, self.vocab_size, self.detokenize)
-        base = parent.params if params is None else replace(params, seed=parent.params.seed)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
-        total = len(parent.ids)
-        at = total if at is None else at
-        if not isinstance(at, int) or not parent.prompt_len <= at <= total:
-            raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
-                             f"for sequence {seq_id}, got {at!r}")
-        if at - parent.prompt_len >= base.max_new_tokens:
-            raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
-        forbid = tuple(self._check_ids(forbid, "forbid"))
-        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
-            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
-                             f"{self.vocab_size} tokens: nothing could be sampled")
+        parent, at, children = self._checked_fork(seq_id, n, at, forbid, params)
         resident = parent.id in self.block_manager
         kept = min(at, parent.num_computed) if resident else 0
-        child_ids = [self._new_id() for _ in range(n)]
+        child_ids = [fields["id"] for fields in children]
         if resident:
             self.block_manager.fork(parent.id, child_ids, at=kept)
-        r = at - parent.prompt_len
-        for i, cid in enumerate(child_ids):
-            params = replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i))
-            child = _Seq(id=cid, prompt_len=parent.prompt_len, ids=parent.ids[:at], params=params,
-                         generator=torch.Generator().manual_seed(params.seed), parent=parent.id, fork_pos=at,
-                         logprobs=parent.logprobs[:r], behaviour=parent.behaviour[:r],
-                         loss_mask=parent.loss_mask[:r], num_computed=kept, high_water=kept,
-                         replay=resident and kept == at, forbid=forbid)
-            self._seqs[cid] = child
+        for fields in children:
+            child = _Seq(**fields, generator=torch.Generator().manual_seed(fields["params"].seed),
+                         num_computed=kept, high_water=kept, replay=resident and kept == at)
+            self._seqs[child.id] = child
             if resident:
                 child.status = RUNNING
-                bisect.insort(self._running, cid)
+                bisect.insort(self._running, child.id)
             else:
                 # The parent's blocks were preempted: the children recompute, like the parent would.
                 child.high_water = min(at, parent.high_water)
-                bisect.insort(self._waiting, cid)
-        parent.num_forks += 1
+                bisect.insort(self._waiting, child.id)
         self.stats.prefix_reused_tokens += kept * n
         return child_ids
 
@@ -400,13 +456,6 @@ class Engine:
         if seq.id in self.block_manager:
             self.block_manager.free(seq.id)
         del self._seqs[seq.id]
-
-    def output(self, seq_id: int) -> SeqOutput:
-        return self._get(seq_id).output()
-
-    def params(self, seq_id: int) -> SamplingParams:
-        """The sequence's parameters, with the seed it actually uses (drawn, derived at a fork, or given)."""
-        return self._get(seq_id).params
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[SeqOutput]:
         """Add every prompt and step until all finish or pause; paused ones (stop strings) are released too.
@@ -651,24 +700,3 @@ class Engine:
         if index is None:
             index = self._ban_index[banned] = torch.tensor(banned, dtype=torch.int64, device=self.model.device)
         return index
-
-    def _finish(self, seq: _Seq, reason: str) -> SeqOutput:
-        seq.finish_reason = reason
-        out = seq.output()
-        self.release(seq.id)
-        return out
-
-    # -- helpers --
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
-
-    def _get(self, seq_id: int) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except (KeyError, TypeError):
-            raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
-
-    def _check_ids(self, ids: Sequence[int], name: str) -> list[int]:
-        return check_token_ids(ids, name, self.vocab_size)

@@ -43,14 +43,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from acim_fast.options import check_int, option
-from acim_fast.sampler import (EngineStats, SamplingParams, SeqOutput, check_params, check_token_ids, derive_seed,
+from acim_fast.sampler import (EngineBase, EngineStats, SamplingParams, SeqOutput, SeqState, derive_seed,
                                stop_string_hit)
 
 _SEGMENT = -2  # derive_seed's fork index for a sequence's successive requests (forks use 0, 1, ...)
@@ -171,61 +171,33 @@ class VLLMBackend:
             self.asleep = True
 
 
-@dataclass(eq=False)
-class _VSeq:
-    id: int
-    prompt_len: int
-    ids: list[int]  # prompt + response
-    params: SamplingParams
-    parent: int | None = None
-    fork_pos: int | None = None
-    behaviour: list[float] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_string: str | None = None
+@dataclass(eq=False, kw_only=True)
+class _VSeq(SeqState):
+    # `logprobs` (sampling log-probs) are NaN for sampled tokens: vLLM returns the behaviour ones only.
     request: str | None = None  # the vLLM request now generating for it
     requests: int = 0  # requests submitted so far (seeds, request ids)
-    num_forks: int = 0
-    forbid: tuple[int, ...] = ()  # banned at the next sampled token only
     computed: int = 0  # leading tokens whose K/V vLLM computed for this sequence or an ancestor (for the stats)
     counted: bool = False  # the current request's prompt is in the stats
 
-    def output(self) -> SeqOutput:
-        p = self.prompt_len
-        return SeqOutput(seq_id=self.id, prompt_ids=self.ids[:p], token_ids=self.ids[p:],
-                         logprobs=[0.0 if m == 0 else math.nan for m in self.loss_mask],
-                         behaviour_logprobs=list(self.behaviour), loss_mask=list(self.loss_mask),
-                         finish_reason=self.finish_reason, stop_string=self.stop_string, parent=self.parent,
-                         fork_pos=self.fork_pos)
 
-
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """Our `Engine` interface over a `VLLMBackend` (see the module docstring; the methods mean what `Engine`'s do)."""
 
     def __init__(self, backend: VLLMBackend, *, detokenize: Callable[[list[int]], str] | None, vocab_size: int):
         from vllm.sampling_params import RequestOutputKind
 
+        super().__init__(vocab_size, detokenize)
         self.backend = backend
         self.core = backend.llm.llm_engine
-        self.detokenize = detokenize
-        self.vocab_size = vocab_size
         self.stats = EngineStats()
         self._delta = RequestOutputKind.DELTA
-        self._seqs: dict[int, _VSeq] = {}
         self._by_request: dict[str, _VSeq] = {}
-        self._filled: list[int] = []  # appends that used up max_new_tokens: finish at the next step
-        self._next_id = 0
         self._allowed: dict[tuple[int, ...], list[int]] = {}
 
     # -- the Engine interface --
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        check_params(params, self.vocab_size, self.detokenize)
-        prompt = check_token_ids(prompt_ids, "prompt_ids", self.vocab_size)
-        if not prompt:
-            raise ValueError("prompt_ids must not be empty")
-        if params.seed is None:
-            params = replace(params, seed=int.from_bytes(os.urandom(8), "little") >> 1)
+        prompt, params = self._checked_add(prompt_ids, params)
         seq = _VSeq(id=self._new_id(), prompt_len=len(prompt), ids=prompt, params=params)
         self._seqs[seq.id] = seq
         self._submit(seq)
@@ -239,23 +211,6 @@ class VLLMEngine:
         self._abort(seq)
         seq.finish_reason = "paused"
 
-    def append(self, seq_id: int, token_ids: list[int]) -> None:
-        seq = self._get(seq_id)
-        ids = check_token_ids(token_ids, "token_ids", self.vocab_size)
-        have = len(seq.ids) - seq.prompt_len
-        if have + len(ids) > seq.params.max_new_tokens:
-            raise ValueError(f"append of {len(ids)} tokens to sequence {seq_id} with {have} response tokens exceeds "
-                             f"max_new_tokens {seq.params.max_new_tokens}")
-        self._abort(seq)
-        seq.ids.extend(ids)
-        seq.behaviour.extend([0.0] * len(ids))
-        seq.loss_mask.extend([0] * len(ids))
-        if have + len(ids) == seq.params.max_new_tokens:
-            seq.finish_reason = "paused"
-            self._filled.append(seq.id)
-        else:
-            self.resume(seq_id)
-
     def resume(self, seq_id: int) -> None:
         seq = self._get(seq_id)
         if seq.request is None and seq.id not in self._filled:
@@ -264,35 +219,12 @@ class VLLMEngine:
 
     def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = (),
              params: SamplingParams | None = None) -> list[int]:
-        parent = self._get(seq_id)
-        if params is not None:
-            check_params(params, self.vocab_size, self.detokenize)
-        base = parent.params if params is None else replace(params, seed=parent.params.seed)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
-        total = len(parent.ids)
-        at = total if at is None else at
-        if not isinstance(at, int) or not parent.prompt_len <= at <= total:
-            raise ValueError(f"at must be an int in [{parent.prompt_len}, {total}] (prompt length .. all tokens) "
-                             f"for sequence {seq_id}, got {at!r}")
-        if at - parent.prompt_len >= base.max_new_tokens:
-            raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
-        forbid = tuple(sorted(set(check_token_ids(forbid, "forbid", self.vocab_size))))
-        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
-            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
-                             f"{self.vocab_size} tokens: nothing could be sampled")
-        r = at - parent.prompt_len
-        children = []
-        for i in range(n):
-            child = _VSeq(id=self._new_id(), prompt_len=parent.prompt_len, ids=parent.ids[:at],
-                          params=replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i)),
-                          parent=parent.id, fork_pos=at, behaviour=parent.behaviour[:r],
-                          loss_mask=parent.loss_mask[:r], forbid=forbid, computed=min(at, parent.computed))
+        parent, at, children = self._checked_fork(seq_id, n, at, forbid, params)
+        for fields in children:
+            child = _VSeq(**fields, computed=min(at, parent.computed))
             self._seqs[child.id] = child
             self._submit(child)
-            children.append(child.id)
-        parent.num_forks += 1
-        return children
+        return [fields["id"] for fields in children]
 
     def release(self, seq_id: int) -> None:
         seq = self._get(seq_id)
@@ -300,12 +232,6 @@ class VLLMEngine:
         if seq.id in self._filled:
             self._filled.remove(seq.id)
         del self._seqs[seq.id]
-
-    def output(self, seq_id: int) -> SeqOutput:
-        return self._get(seq_id).output()
-
-    def params(self, seq_id: int) -> SamplingParams:
-        return self._get(seq_id).params
 
     def step(self) -> list[SeqOutput]:
         """One vLLM engine step; returns the sequences that finished (then released) or paused in it."""
@@ -373,6 +299,7 @@ class VLLMEngine:
         reason = hit = None
         for tok, logprobs in zip(completion.token_ids, completion.logprobs):
             seq.ids.append(tok)
+            seq.logprobs.append(math.nan)
             seq.behaviour.append(logprobs[tok].logprob)
             seq.loss_mask.append(1)
             seq.computed = len(seq.ids) - 1  # a sampled token's K/V is written when the next one is decoded
@@ -420,19 +347,3 @@ class VLLMEngine:
             skip = set(banned)
             allowed = self._allowed[banned] = [t for t in range(self.vocab_size) if t not in skip]
         return allowed
-
-    def _finish(self, seq: _VSeq, reason: str) -> SeqOutput:
-        seq.finish_reason = reason
-        out = seq.output()
-        self.release(seq.id)
-        return out
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
-
-    def _get(self, seq_id: int) -> _VSeq:
-        try:
-            return self._seqs[seq_id]
-        except (KeyError, TypeError):
-            raise ValueError(f"unknown seq_id {seq_id!r} (never added, or already finished/released)") from None
