@@ -26,3 +26,21 @@ def warm_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("warm") / "tiny"
     warm_up(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def policy(warm_model):
+    """The warmed-up tiny model as a `Policy` (model, tokenizer, stop ids)."""
+    from acim_fast.policy import load_policy
+
+    return load_policy(warm_model)
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """A code sandbox with the default run's 5 s cell timeout, for the rollout-driven tests (modules that need other
+    limits define their own)."""
+    from acim_fast.sandbox import Sandbox, SandboxOptions
+
+    with Sandbox(SandboxOptions(timeout_s=5.0)) as box:
+        yield box

@@ -8,10 +8,8 @@ import pytest
 
 from acim_fast.estep import (EStepConfig, EStepResult, ProblemStats, Sample, _Origin, _sample, build_buffer, explore,
                              reference_strategy, subsample, whiten)
-from acim_fast.policy import load_policy
 from acim_fast.prompts import CODE_TRIGGER
 from acim_fast.rollout import RolloutRecord
-from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.task import generate
 
 # -- the reference strategy --
@@ -136,17 +134,6 @@ def test_prose_and_sibling_samples_flag_where_prose_was_chosen():
 
 
 # -- exploration on the warmed-up tiny model --
-
-@pytest.fixture(scope="module")
-def policy(warm_model):
-    return load_policy(warm_model)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with Sandbox(SandboxOptions(timeout_s=5.0)) as sb:
-        yield sb
-
 
 PROBLEMS = [p.to_problem() for p in generate(6, seed=11, split="train")]
 

@@ -23,7 +23,6 @@ from acim_fast.evaluate import (EvalOptions, ProblemResult, Report, evaluate, ma
 from acim_fast.model import CausalLM
 from acim_fast.policy import Policy, load_policy
 from acim_fast.prompts import CODE_TRIGGER, build_prompt
-from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.tiny import EOS, TinyConfig, build_tokenizer, codec, create_tiny, save_tokenizer
 
 ROWS = [
@@ -87,12 +86,6 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "set.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return path
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with Sandbox(SandboxOptions(timeout_s=5.0)) as sb:
-        yield sb
 
 
 # -- the oracle and the aggregates, by hand --

@@ -25,7 +25,6 @@ from acim_fast.policy import load_policy
 from acim_fast.rollout import RolloutLoop
 from acim_fast.run import train
 from acim_fast.sampler import SamplingParams
-from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.task import generate
 from acim_fast.vllm_engine import VLLMBackend
 
@@ -44,19 +43,8 @@ def test_backend_errors_name_the_problem(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def policy(warm_model):
-    return load_policy(warm_model)
-
-
-@pytest.fixture(scope="module")
 def backend(warm_model):
     return VLLMBackend(warm_model)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    with Sandbox(SandboxOptions(timeout_s=5)) as box:
-        yield box
 
 
 def _problems(n, seed=5):
