@@ -184,6 +184,7 @@ class VLLMEngine(EngineBase):
     """Our `Engine` interface over a `VLLMBackend` (see the module docstring; the methods mean what `Engine`'s do)."""
 
     def __init__(self, backend: VLLMBackend, *, detokenize: Callable[[list[int]], str] | None, vocab_size: int):
+        from vllm import SamplingParams as VLLMParams
         from vllm.sampling_params import RequestOutputKind
 
         super().__init__(vocab_size, detokenize)
@@ -191,6 +192,7 @@ class VLLMEngine(EngineBase):
         self.core = backend.llm.llm_engine
         self.stats = EngineStats()
         self._delta = RequestOutputKind.DELTA
+        self._request_params = VLLMParams  # imported once, not per request
         self._by_request: dict[str, _VSeq] = {}
         self._allowed: dict[tuple[int, ...], list[int]] = {}
 
@@ -255,8 +257,6 @@ class VLLMEngine(EngineBase):
 
     def _submit(self, seq: _VSeq) -> None:
         """Start the vLLM request that continues `seq` from its tokens so far."""
-        from vllm import SamplingParams as VLLMParams
-
         p = seq.params
         if self._by_request:
             self._same_temperature(p)
@@ -264,7 +264,7 @@ class VLLMEngine(EngineBase):
             self.backend.set_temperature(p.train_temperature)
         banned = tuple(sorted(set(p.banned_token_ids).union(seq.forbid)))
         left = p.max_new_tokens - (len(seq.ids) - seq.prompt_len)
-        request = VLLMParams(
+        request = self._request_params(
             n=1, temperature=p.temperature / p.train_temperature, top_p=p.top_p, top_k=p.top_k,
             seed=derive_seed(p.seed, _SEGMENT, seq.requests), max_tokens=1 if seq.forbid else left,
             stop=list(p.stop_strings) or None, include_stop_str_in_output=True,
