@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from acim_fast.atomic import atomic_write
 from acim_kernels.paged_attention import paged_attention
@@ -370,19 +371,27 @@ class CausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D], broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _run(self, input_ids, positions, attend_for_layer) -> torch.Tensor:
+    def _run(self, input_ids, positions, attend_for_layer, checkpoint_layers: bool = False) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
+        checkpoint_layers = checkpoint_layers and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attend_for_layer(i))
+            if checkpoint_layers:  # keep only the block's input; backward runs the block again (non-reentrant,
+                # through the module call, so FSDP's hooks gather its parameters for the recomputation too)
+                x = checkpoint(layer, x, cos, sin, attend_for_layer(i), use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attend_for_layer(i))
         return self.model.norm(x)
 
     def forward_hidden(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | list[int] | None = None,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, checkpoint_layers: bool = False) -> torch.Tensor:
         """Dense/varlen path: final hidden states `[N, H]` of packed sequences, causal within each.
 
         cu_seqlens [B+1] (starts of each sequence, last = N; default: one sequence); position_ids [N] (default:
-        0.. within each sequence). Differentiable (training-time log-prob passes).
+        0.. within each sequence). Differentiable (training-time log-prob passes). checkpoint_layers: activation
+        checkpointing per decoder block while autograd records: backward keeps one `[N, H]` input per block instead
+        of every intermediate (attention projections, the MLP's `[N, I]` tensors) and recomputes each block once;
+        values and gradients are unchanged.
         """
         self._check_ids(input_ids)
         n = input_ids.shape[0]
@@ -406,7 +415,7 @@ class CausalLM(nn.Module):
                 outs.append(o[0].transpose(0, 1))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        return self._run(input_ids, position_ids, lambda _: attend)
+        return self._run(input_ids, position_ids, lambda _: attend, checkpoint_layers)
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | list[int] | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

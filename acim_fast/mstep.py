@@ -64,6 +64,9 @@ class MStepConfig:
     grad_clip: float = option(1.0, "max global gradient norm; 0 = off")
     samples_per_step: int = option(64, "samples per optimiser step")
     micro_batch_tokens: int = option(8192, "rows (tokens) per micro-batch; a sample longer than this is an error")
+    activation_checkpointing: bool = option(False, "recompute each decoder block in backward instead of storing "
+                                            "its activations (for long sequences on large models: about one more "
+                                            "forward of compute, a fraction of the activation memory)")
     behaviour: str = option("sampler", "old_logp of the ratio: sampler (behaviour log-probs) | recompute (training "
                           "forward before the first update)")
 
@@ -81,6 +84,9 @@ class MStepConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"MStepConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"MStepConfig.activation_checkpointing must be a bool, "
+                             f"got {self.activation_checkpointing!r}")
         if self.behaviour not in BEHAVIOURS:
             raise ValueError(f"MStepConfig.behaviour must be one of {BEHAVIOURS}, got {self.behaviour!r}")
 
@@ -123,8 +129,9 @@ def _packs(rows: list[Row], micro_batch_tokens: int, dist: Dist | None) -> list[
     return mine + [([], empty)] * (max(counts) - len(mine))
 
 
-def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float):
-    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens.to(model.device))
+def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpoint_layers: bool = False):
+    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens.to(model.device),
+                                  checkpoint_layers=checkpoint_layers)
     v = {k: t.to(model.device) for k, t in p.values.items()}
     return policy_loss(hidden, model.lm_head_weight, p.targets.to(model.device), old_logp=v["old_logp"],
                        advantages=v["advantage"], loss_mask=v["loss_mask"], sft_mask=v["decision"],
@@ -232,7 +239,7 @@ class MStep:
         # FSDP averages gradients over ranks; each rank's loss is already a share of the global sum.
         scale = self.dist.world if self.dist is not None else 1
         for _, p in _packs(rows, self.cfg.micro_batch_tokens, self.dist):
-            out = _loss(self.model, p, loss, normalizer)
+            out = _loss(self.model, p, loss, normalizer, self.cfg.activation_checkpointing)
             (out.loss * scale).backward()
             total += out.loss.item()
             n = float(p.values["loss_mask"].sum())

@@ -1,7 +1,7 @@
 """One M-step of a small model on fixed samples, run by tests/test_dist.py both as a plain process and under
 `torchrun --nproc_per_node 2` (FSDP2 on gloo); saves the full parameters and metrics to argv[1] (rank 0).
-With argv[2] == "mixed" the shards use the GPU's mixed precision (bf16 compute, fp32 reduction and master shards),
-and the dtypes a decoder projection computed in are saved too."""
+Flags after the path: "mixed", the GPU's mixed precision for the shards (bf16 compute, fp32 reduction and master
+shards); "checkpointed", activation checkpointing. The dtypes a decoder projection computed in are saved too."""
 
 import random, sys
 import torch
@@ -32,21 +32,23 @@ def samples(n=12):
 
 
 d = D.from_env()
-mixed = sys.argv[2:] == ["mixed"]
+flags = set(sys.argv[2:])
 model = build_model(CONFIG, build_tokenizer())
 if d is not None:
-    D.shard(model, d, mixed_precision=mixed)
-seen = set()  # (input, weight) dtypes inside FSDP's forward: bf16 under mixed precision
+    D.shard(model, d, mixed_precision="mixed" in flags)
+seen = []  # per call of a decoder projection: its (input, weight) dtypes inside FSDP's forward (bf16 under mixed
+# precision), and whether autograd recorded (training forwards, and their recomputation under checkpointing)
 model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
-    lambda module, args: seen.add((args[0].dtype, module.weight.dtype)))
-trainer = MStep(model, MStepConfig(lr=1e-4, epochs=1, samples_per_step=12, micro_batch_tokens=48, warmup_steps=0),
-                total_steps=1, dist=d)
+    lambda module, args: seen.append((args[0].dtype, module.weight.dtype, torch.is_grad_enabled())))
+trainer = MStep(model, MStepConfig(lr=1e-4, epochs=1, samples_per_step=12, micro_batch_tokens=48, warmup_steps=0,
+                                   activation_checkpointing="checkpointed" in flags), total_steps=1, dist=d)
 metrics = trainer.train(samples(), LossConfig(objective="clip", sft_coef=0.5))
 state = D.full_state_dict(model) if d is not None else model.state_dict()
 if d is None or d.is_main:
     initial = build_model(CONFIG, build_tokenizer()).state_dict()
     torch.save({"state": {k: v.detach().clone() for k, v in state.items()}, "initial": initial, "metrics": metrics,
-                "compute_dtypes": seen, "master_dtypes": {p.dtype for p in model.parameters()}},
+                "compute_dtypes": {call[:2] for call in seen},
+                "block_calls": [sum(call[2] == grad for call in seen) for grad in (False, True)], "master_dtypes": {p.dtype for p in model.parameters()}},
                sys.argv[1])
 if d is not None:
     d.close()

@@ -20,26 +20,35 @@ def _run(args, out, *extra):
     return torch.load(out, weights_only=False)
 
 
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def test_two_process_fsdp_step_equals_the_single_process_step(tmp_path):
+    """Also with activation checkpointing, where backward recomputes each block inside FSDP's per-block gathers."""
     one = _run([], tmp_path / "one.pt")
-    two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "two.pt")
-    assert set(one["metrics"]) == set(two["metrics"])
-    for key, value in one["metrics"].items():  # loss, grad norm, clip fractions, behaviour gap ...
-        assert abs(value - two["metrics"][key]) < 1e-6, key
-    assert one["metrics"]["mstep/steps"] == two["metrics"]["mstep/steps"] == 1
-    moved = 0.0
-    for name, value in one["state"].items():
-        torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-5)
-        moved = max(moved, (value - one["initial"][name]).abs().max().item())
-    assert moved > 1e-5, "the step changed nothing: the comparison would be empty"
+    for flags in ((), ("checkpointed",)):
+        two = _run(TORCHRUN_2, tmp_path / "two.pt", *flags)
+        assert set(one["metrics"]) == set(two["metrics"])
+        for key, value in one["metrics"].items():  # loss, grad norm, clip fractions, behaviour gap ...
+            assert abs(value - two["metrics"][key]) < 1e-6, (flags, key)
+        assert one["metrics"]["mstep/steps"] == two["metrics"]["mstep/steps"] == 1
+        moved = 0.0
+        for name, value in one["state"].items():
+            torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-5)
+            moved = max(moved, (value - one["initial"][name]).abs().max().item())
+        assert moved > 1e-5, "the step changed nothing: the comparison would be empty"
+        if not flags:
+            plain_calls = two["block_calls"]
+    # A block's calls without autograd (the behaviour-gap pass) are unchanged; those with autograd double: each
+    # training forward, and its recomputation in backward.
+    assert two["block_calls"] == [plain_calls[0], 2 * plain_calls[1]] and plain_calls[1] > 0
 
 
 def test_mixed_precision_step_computes_in_bf16_and_tracks_the_fp32_step(tmp_path):
     """The GPU's FSDP2 policy (bf16 parameters for compute, fp32 gradient reduction, fp32 master shards), run on
     2 CPU processes: gloo carries bf16 as nccl does, so only the device differs from the GPU path."""
     one = _run([], tmp_path / "one.pt")
-    mixed = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "mixed.pt",
-                 "mixed")
+    mixed = _run(TORCHRUN_2, tmp_path / "mixed.pt", "mixed")
     assert one["compute_dtypes"] == {(torch.float32, torch.float32)}
     assert mixed["compute_dtypes"] == {(torch.bfloat16, torch.bfloat16)}
     assert mixed["master_dtypes"] == {torch.float32}

@@ -198,6 +198,37 @@ def test_varlen_packed_equals_per_sequence_with_gradients():
         torch.testing.assert_close(model(seqs[2], position_ids=pos).float(), ref, atol=1e-5, rtol=0)
 
 
+def test_activation_checkpointing_recomputes_each_block_and_changes_nothing():
+    hf = _hf_model("llama-gqa")
+    model = CausalLM(ModelConfig.from_hf_dict(hf.config.to_dict()))
+    model.load_state_dict(hf.state_dict())
+    ids, cu = _packed(_seqs([13, 4, 21]))
+    w = torch.randn(ids.shape[0], model.config.hidden_size)
+    calls = []
+    # A pre-hook: the recomputation stops early, once it has what backward needs, so a block's end may not be reached.
+    model.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run(checkpoint_layers):
+        model.zero_grad()
+        calls.clear()
+        hidden = model.forward_hidden(ids, cu_seqlens=cu, checkpoint_layers=checkpoint_layers)
+        (hidden * w).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return hidden.detach(), grads, len(calls)
+
+    plain, plain_grads, plain_calls = run(False)
+    kept, kept_grads, kept_calls = run(True)
+    assert (plain_calls, kept_calls) == (1, 2)  # the block ran again in backward
+    torch.testing.assert_close(kept, plain, rtol=0, atol=0)
+    assert set(kept_grads) == set(plain_grads) and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # nothing to recompute without autograd: the flag is ignored
+        calls.clear()
+        torch.testing.assert_close(model.forward_hidden(ids, cu_seqlens=cu, checkpoint_layers=True), plain)
+        assert len(calls) == 1
+
+
 @torch.no_grad()
 def test_sharded_round_trip_and_transformers_loads_our_save(tmp_path):
     hf = _hf_model("llama-gqa")

@@ -87,20 +87,22 @@ def test_tool_tokens_never_reach_the_loss(model):
         assert torch.equal(results[0][1][k], results[1][1][k]), k
 
 
-def test_a_step_does_not_depend_on_its_micro_batches(model):
+def test_a_step_does_not_depend_on_its_micro_batches_or_activation_checkpointing(model):
     samples = _samples(8, seed=1)
     longest = max(len(s.ids) for s in samples) - 1
     results = []
-    for tokens in (10_000, longest):
+    for tokens, checkpointed in ((10_000, False), (longest, False), (longest, True)):
         m = copy.deepcopy(model)
         trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=8, micro_batch_tokens=tokens,
-                                       warmup_steps=0, grad_clip=0.0), total_steps=1)
+                                       warmup_steps=0, grad_clip=0.0, activation_checkpointing=checkpointed),
+                        total_steps=1)
         metrics = trainer.train(samples, LOSS)
         # The step's gradient stays on the parameters; Adam's first update (about lr * sign) would hide it.
         results.append((metrics["mstep/loss"], {k: p.grad for k, p in m.named_parameters()}))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for k in results[0][1]:
-        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-5, atol=1e-8)
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        for k, grad in results[0][1].items():
+            torch.testing.assert_close(grads[k], grad, rtol=1e-5, atol=1e-8)
 
 
 def test_non_finite_step_is_skipped_and_counted(model):
@@ -165,7 +167,8 @@ def test_samples_that_do_not_fit_are_named(model):
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("behaviour", "vllm"), ("beta2", 1.0),
-                                          ("min_lr_ratio", 1.5), ("grad_clip", -1.0), ("micro_batch_tokens", 1)])
+                                          ("min_lr_ratio", 1.5), ("grad_clip", -1.0), ("micro_batch_tokens", 1),
+                                          ("activation_checkpointing", "yes")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MStepConfig.{field}"):
         MStepConfig(**{field: value})
