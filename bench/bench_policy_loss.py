@@ -8,15 +8,13 @@ Cases: `eager` (the fp32 reference, full logits), `compiled` (the reference unde
 with time and memory ratios against eager closes the run; with BENCH_JSON=path it is also saved.
 
 Peak memory: on CUDA, the allocator's peak above the inputs. On CPU, the process's peak resident set
-above the inputs, measured in a fresh subprocess with glibc's mmap threshold pinned low, so freed
-blocks leave the resident set at once and the high-water mark is the true peak.
+above the inputs, measured in a fresh subprocess (`bench/peak_rss.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import torch
 
 from acim_kernels import LossConfig, policy_loss
 from acim_kernels.pg_loss_ref import policy_loss_ref
+
+from peak_rss import peak_rss_bytes, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # (N, H, V, dtype): the issue's CPU shapes, and Qwen2.5-7B's head on GPU.
@@ -84,28 +84,6 @@ def make_step(impl: str, hidden, weight, side):
     return step
 
 
-def cpu_peak_bytes(shape: tuple, impl: str) -> int:
-    """Peak resident memory of one step above the inputs, in a fresh process (see module docstring)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, __file__, json.dumps([*shape, impl])], env=env, capture_output=True,
-                          text=True, check=True)
-    return int(done.stdout.strip().splitlines()[-1])
-
-
-def _measure_in_this_process(n, h, v, dtype, impl) -> int:
-    def status(field: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-        return int(line.split()[1]) * 1024
-    hidden, weight, side = make_inputs(n, h, v, dtype, "cpu")
-    step = make_step(impl, hidden, weight, side)
-    step()  # one-time costs (compilation, thread pools, allocator arenas) stay outside the measurement
-    hidden.grad = weight.grad = None  # the measured step allocates its gradients afresh
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    base = status("VmRSS")
-    step()
-    return status("VmHWM") - base
-
-
 @pytest.fixture(scope="module", autouse=True)
 def summary(report):
     yield
@@ -142,7 +120,7 @@ def test_policy_loss_fwd_bwd(benchmark, shape, impl):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = cpu_peak_bytes(shape, impl)
+        peak = peak_rss_bytes(__file__, json.dumps([*shape, impl]))
 
     def timed():
         step()
@@ -155,6 +133,10 @@ def test_policy_loss_fwd_bwd(benchmark, shape, impl):
     benchmark.extra_info.update(RESULTS[(*shape, impl)])
 
 
-if __name__ == "__main__":  # the subprocess of cpu_peak_bytes
+if __name__ == "__main__":  # the subprocess of peak_rss_bytes
     n, h, v, dtype, impl = json.loads(sys.argv[1])
-    print(_measure_in_this_process(n, h, v, dtype, impl))
+    hidden, weight, side = make_inputs(n, h, v, dtype, "cpu")
+
+    def drop_grads():
+        hidden.grad = weight.grad = None
+    print(step_peak_bytes(make_step(impl, hidden, weight, side), drop_grads))

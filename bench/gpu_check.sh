@@ -15,7 +15,7 @@ python -c "import torch, triton; print(torch.__version__, triton.__version__, to
 python -m pytest -q tests/test_policy_loss.py tests/test_paged_attention.py tests/test_model.py \
     tests/test_sampler.py 2>&1 | tee "$OUT/tests.log"
 BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.py bench/bench_paged_attention.py \
-    bench/bench_sampler.py --benchmark-only --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
+    bench/bench_sampler.py bench/bench_mstep.py --benchmark-only --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
 # The FSDP2 path on one GPU (a world of 1 under torchrun still shards, with bf16 mixed precision): the reduced run,
 # warm-up included. Needs the package's other dependencies (math-verify, matplotlib) on the machine.
 python -m torch.distributed.run --standalone --nproc_per_node 1 -m acim_fast.run --preset smoke \

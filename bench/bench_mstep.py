@@ -1,0 +1,105 @@
+"""One M-step micro-batch (the model's forward, the fused loss, backward), with and without activation checkpointing:
+time and peak memory side by side.
+
+    pytest bench/bench_mstep.py --benchmark-only
+
+The micro-batch is what `MStep` runs: packed sequences through `CausalLM.forward_hidden` and
+`acim_kernels.policy_loss` (chunked on the CPU, Triton on CUDA), then backward into every parameter. Shapes: on the
+CPU a small decoder on 4 sequences of 1024 tokens; on CUDA additionally Qwen2.5-1.5B's shape (random weights, bf16)
+on 4 x 4096 tokens. Peak memory: on CUDA the allocator's peak above the model and inputs; on CPU the peak resident
+set above them, in a fresh process (`bench/peak_rss.py`). A summary table with the ratios closes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from acim_fast.model import CausalLM, ModelConfig
+from acim_kernels import LossConfig, policy_loss
+
+from peak_rss import peak_rss_bytes, step_peak_bytes
+
+CUDA = torch.cuda.is_available()
+# name: (hidden, layers, heads, kv heads, intermediate, vocab, sequences x tokens, dtype)
+SHAPES = {"small-4x1024": (256, 4, 4, 2, 704, 8192, (4, 1024), "float32")}
+if CUDA:
+    SHAPES["qwen2.5-1.5b-4x4096"] = (1536, 28, 12, 2, 8960, 151936, (4, 4096), "bfloat16")
+RESULTS: dict[tuple[str, bool], dict] = {}
+
+
+def make_step(name: str, checkpoint_layers: bool, device: str):
+    """A closure running one micro-batch forward+backward, and one that drops the gradients."""
+    hidden, layers, heads, kv_heads, inter, vocab, (seqs, length), dtype = SHAPES[name]
+    config = ModelConfig.from_hf_dict({
+        "model_type": "qwen2", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": length, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    model = CausalLM(config, dtype=getattr(torch, dtype)).to(device)
+    for p in model.parameters():  # PyTorch's default init makes the loss's logits degenerate
+        torch.nn.init.normal_(p, std=0.02)
+    n = seqs * length
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n,), generator=g).to(device)
+    cu = torch.arange(0, n + 1, length).to(device)
+    side = dict(old_logp=-torch.rand(n, generator=g) * 10, advantages=torch.randn(n, generator=g),
+                loss_mask=torch.rand(n, generator=g) > 0.2)
+    side = {k: t.to(device) for k, t in side.items()}
+    targets = torch.roll(ids, -1)
+    loss_config = LossConfig(objective="clip", sft_coef=0.0)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model.forward_hidden(ids, cu_seqlens=cu, checkpoint_layers=checkpoint_layers)
+        policy_loss(out, model.lm_head_weight, targets, **side, config=loss_config).loss.backward()
+
+    return step, lambda: model.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(report):
+    yield
+    lines = [f"{'shape':<24}{'checkpointing':<15}{'ms':>10}{'x off':>8}{'peak MiB':>10}{'x off':>8}"]
+    for (name, checkpointed), r in RESULTS.items():
+        base = RESULTS.get((name, False), {})
+        time_ratio = r["ms"] / base["ms"] if base else float("nan")
+        mem_ratio = r["peak_mib"] / base["peak_mib"] if base.get("peak_mib") else float("nan")
+        lines.append(f"{name:<24}{'on' if checkpointed else 'off':<15}{r['ms']:>10.1f}{time_ratio:>8.2f}"
+                     f"{r['peak_mib']:>10.0f}{mem_ratio:>8.3f}")
+    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    report += [f"M-step micro-batch fwd+bwd on {device}, torch {torch.__version__} (median of the rounds)", *lines, ""]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_mstep_micro_batch(benchmark, name, checkpointed):
+    device = "cuda" if CUDA else "cpu"
+    step, drop_grads = make_step(name, checkpointed, device)
+    if CUDA:
+        step()
+        drop_grads()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = peak_rss_bytes(__file__, json.dumps([name, checkpointed]))
+
+    def timed():
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+    benchmark.pedantic(timed, rounds=3 if device == "cpu" else 10, iterations=1, warmup_rounds=1)
+    RESULTS[(name, checkpointed)] = {"ms": benchmark.stats.stats.median * 1e3, "peak_mib": peak / 2**20}
+    benchmark.extra_info.update(RESULTS[(name, checkpointed)])
+
+
+if __name__ == "__main__":  # the subprocess of peak_rss_bytes
+    print(step_peak_bytes(*make_step(*json.loads(sys.argv[1]), "cpu")))
