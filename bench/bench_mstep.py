@@ -7,7 +7,7 @@ The micro-batch is what `MStep` runs: packed sequences through `CausalLM.forward
 `acim_kernels.policy_loss` (chunked on the CPU, Triton on CUDA), then backward into every parameter. Shapes: on the
 CPU a small decoder on 4 sequences of 1024 tokens; on CUDA additionally Qwen2.5-1.5B's shape (random weights, bf16)
 on 4 x 4096 tokens. Peak memory: on CUDA the allocator's peak above the model and inputs; on CPU the peak resident
-set above them, in a fresh process (`bench/peak_rss.py`). A summary table with the ratios closes the run.
+set above them, in a fresh process (`bench/peak_memory.py`). A summary table with the ratios closes the run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from acim_fast.model import CausalLM, ModelConfig
 from acim_kernels import LossConfig, policy_loss
 
-from peak_rss import peak_rss_bytes, step_peak_bytes
+from peak_memory import peak_bytes, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # name: (hidden, layers, heads, kv heads, intermediate, vocab, sequences x tokens, dtype)
@@ -80,17 +80,7 @@ def summary(report):
 def test_mstep_micro_batch(benchmark, name, checkpointed):
     device = "cuda" if CUDA else "cpu"
     step, drop_grads = make_step(name, checkpointed, device)
-    if CUDA:
-        step()
-        drop_grads()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = peak_rss_bytes(__file__, json.dumps([name, checkpointed]))
+    peak = peak_bytes(step, drop_grads, __file__, json.dumps([name, checkpointed]))
 
     def timed():
         step()
@@ -101,5 +91,5 @@ def test_mstep_micro_batch(benchmark, name, checkpointed):
     benchmark.extra_info.update(RESULTS[(name, checkpointed)])
 
 
-if __name__ == "__main__":  # the subprocess of peak_rss_bytes
+if __name__ == "__main__":  # the CPU measurement of peak_bytes
     print(step_peak_bytes(*make_step(*json.loads(sys.argv[1]), "cpu")))

@@ -8,7 +8,7 @@ Cases: `eager` (the fp32 reference, full logits), `compiled` (the reference unde
 with time and memory ratios against eager closes the run; with BENCH_JSON=path it is also saved.
 
 Peak memory: on CUDA, the allocator's peak above the inputs. On CPU, the process's peak resident set
-above the inputs, measured in a fresh subprocess (`bench/peak_rss.py`).
+above the inputs, measured in a fresh subprocess (`bench/peak_memory.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from acim_kernels import LossConfig, policy_loss
 from acim_kernels.pg_loss_ref import policy_loss_ref
 
-from peak_rss import peak_rss_bytes, step_peak_bytes
+from peak_memory import peak_bytes, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # (N, H, V, dtype): the issue's CPU shapes, and Qwen2.5-7B's head on GPU.
@@ -79,9 +79,14 @@ def make_step(impl: str, hidden, weight, side):
                          rows(side["advantages"])[:, 0], old_per_token_logps=rows(side["old_logp"]))[0]
 
     def step():
-        hidden.grad = weight.grad = None
+        drop_grads(hidden, weight)
         loss().backward()
     return step
+
+
+def drop_grads(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        t.grad = None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,22 +110,15 @@ def summary(report):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-H{s[1]}-V{s[2]}-{s[3]}")
 def test_policy_loss_fwd_bwd(benchmark, shape, impl):
     device = "cuda" if CUDA else "cpu"
-    step = make_step(impl, *make_inputs(*shape, device))
+    hidden, weight, side = make_inputs(*shape, device)
+    step = make_step(impl, hidden, weight, side)
     if step is None:
         pytest.skip(f"{impl} is not available on {device}")
     try:
         step()  # warm-up (and compilation)
     except Exception as error:  # e.g. torch.compile without a working compiler, a changed Liger API
         pytest.skip(f"{impl} failed here: {type(error).__name__}: {str(error)[:200]}")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = peak_rss_bytes(__file__, json.dumps([*shape, impl]))
+    peak = peak_bytes(step, lambda: drop_grads(hidden, weight), __file__, json.dumps([*shape, impl]))
 
     def timed():
         step()
@@ -133,10 +131,7 @@ def test_policy_loss_fwd_bwd(benchmark, shape, impl):
     benchmark.extra_info.update(RESULTS[(*shape, impl)])
 
 
-if __name__ == "__main__":  # the subprocess of peak_rss_bytes
+if __name__ == "__main__":  # the CPU measurement of peak_bytes
     n, h, v, dtype, impl = json.loads(sys.argv[1])
     hidden, weight, side = make_inputs(n, h, v, dtype, "cpu")
-
-    def drop_grads():
-        hidden.grad = weight.grad = None
-    print(step_peak_bytes(make_step(impl, hidden, weight, side), drop_grads))
+    print(step_peak_bytes(make_step(impl, hidden, weight, side), lambda: drop_grads(hidden, weight)))

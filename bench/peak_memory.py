@@ -1,6 +1,7 @@
-"""Peak resident memory of one step on the CPU, each measurement in a fresh process.
+"""Peak memory of one step of a benchmark, above what was allocated before it.
 
-`peak_rss_bytes(script, arg)` runs `python script arg` with glibc's mmap threshold pinned low, so that freed blocks
+`peak_bytes(step, reset, script, arg)`: on CUDA the allocator's peak (`cuda_step_peak_bytes`, in this process); on
+the CPU the peak resident set, measured in a fresh process: `peak_rss_bytes(script, arg)` runs `python script arg` with glibc's mmap threshold pinned low, so that freed blocks
 leave the resident set at once and the high-water mark is the true peak. The script ends by printing
 `step_peak_bytes(step, reset)`: one warm-up step (one-time costs such as compilation, thread pools and allocator
 arenas stay out), `reset()` (e.g. drop gradients, so that the measured step allocates them afresh), then the
@@ -14,6 +15,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def peak_rss_bytes(script: str, arg: str) -> int:
@@ -33,3 +36,21 @@ def step_peak_bytes(step: Callable[[], object], reset: Callable[[], object] = la
     base = status("VmRSS")
     step()
     return status("VmHWM") - base
+
+
+def cuda_step_peak_bytes(step: Callable[[], object], reset: Callable[[], object] = lambda: None) -> int:
+    """As `step_peak_bytes`, with the CUDA allocator's peak."""
+    step()
+    reset()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def peak_bytes(step: Callable[[], object], reset: Callable[[], object], script: str, arg: str) -> int:
+    """`cuda_step_peak_bytes(step, reset)` when CUDA is available, else `peak_rss_bytes(script, arg)`, where running
+    `script` with `arg` must measure the same step on the CPU."""
+    return cuda_step_peak_bytes(step, reset) if torch.cuda.is_available() else peak_rss_bytes(script, arg)
