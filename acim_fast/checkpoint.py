@@ -23,7 +23,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch.distributed.checkpoint as dcp
 
@@ -78,12 +78,17 @@ def save(run_dir: str | os.PathLike, iteration: int, policy: Policy, trainer_sta
     return final
 
 
-def load_trainer_state(checkpoint: str | os.PathLike, template: dict[str, Any]) -> dict[str, Any]:
+def load_trainer_state(checkpoint: str | os.PathLike, template: dict[str, Any],
+                       optional: Collection[str] = ()) -> dict[str, Any]:
     """The trainer state saved with `checkpoint`, loaded into `template` (the state of a freshly built trainer, which
-    gives the shapes and, with FSDP, the sharding of this world size: a run may resume on another)."""
+    gives the shapes and, with FSDP, the sharding of this world size: a run may resume on another). The `optional`
+    entries of `template` are left out when the checkpoint has none of them (a trainer that saves more than the one
+    that wrote it); entries the checkpoint has and `template` lacks are not read."""
     path = Path(checkpoint) / TRAINER_DIR
     if not (path / ".metadata").is_file():
         raise ValueError(f"{checkpoint}: no {TRAINER_DIR}/: not a checkpoint written by acim_fast.run")
+    saved = {key.split(".", 1)[0] for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
+    template = {k: v for k, v in template.items() if k in saved or k not in optional}
     with _single_process_ok():
         dcp.load(template, checkpoint_id=path)
     return template

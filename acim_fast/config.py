@@ -45,7 +45,9 @@ class Config:
     eval_data: str | None = option(None, "held-out problems; none = eval_problems problems split off --data "
                                    "(or the embedded task's held-out split)", group="model and data")
     device: str = option("cpu", "torch device of the model (cpu, cuda, cuda:1 ...)", group="model and data")
-    dtype: str | None = option(None, "float32 | bfloat16 | float16; none = the checkpoint's", group="model and data")
+    dtype: str | None = option(None, "float32 | bfloat16 (the samplers' weights and the training compute; the "
+                               "trainer's master weights are fp32 either way); none = the checkpoint's",
+                               group="model and data")
     # -- run --
     out_dir: str = option("runs/default", "run directory: config.json, metrics.jsonl, report.png, checkpoints/",
                           group="run")
@@ -82,8 +84,8 @@ class Config:
             raise ValueError(f"Config.algo must be one of {ALGOS}, got {self.algo!r}")
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"Config.rollout_backend must be one of {BACKENDS}, got {self.rollout_backend!r}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"Config.dtype must be float32, bfloat16, float16 or none, got {self.dtype!r}")
+        if self.dtype not in (None, "float32", "bfloat16"):  # float16 would need loss scaling
+            raise ValueError(f"Config.dtype must be float32, bfloat16 or none, got {self.dtype!r}")
         if self.loss.temperature != self.estep.temperature:
             # The sampler's behaviour log-probs are the raw model at the sampling temperature; the loss must score
             # the policy at the same one or every ratio is off by the temperature change.

@@ -4,11 +4,14 @@ What it does:
 - `from_env()`: under torchrun (RANK and WORLD_SIZE set) joins the process group that torchrun's rendezvous set up
   (gloo for CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None.
   Multi-node runs use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
-- `shard(model, dist, mixed_precision=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
+- `world_of_one(device)`: a process group of this process alone, for a plain process that trains a bf16 model: it
+  takes the same FSDP2 path, whose mixed precision keeps fp32 master weights.
+- `shard(model, dist, compute_dtype=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
   final norm, lm_head); `forward_hidden` is registered as a forward method so FSDP gathers the parameters around it.
   The root keeps its parameters gathered from forward to backward (FSDP2's default for the root), which is what lets
-  the fused loss read `lm_head_weight` after `forward_hidden`. With `mixed_precision` (GPU): bf16 compute, fp32
-  gradient reduction, fp32 sharded master parameters.
+  the fused loss read `lm_head_weight` after `forward_hidden`. With a `compute_dtype` below the parameters' (bf16 on
+  fp32 masters): the gathered parameters and the compute in that dtype, the gradient reduction and the sharded
+  master parameters, hence the optimiser's updates, in fp32.
 - `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
   Python objects, a barrier).
 - `full_state_dict(model)`: the unsharded parameters on every rank (for the per-rank samplers), gathered one tensor
@@ -20,7 +23,9 @@ What it does not do: tensor or pipeline parallelism, or pick the world size (tor
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +88,27 @@ def from_env() -> Dist | None:
     return Dist(rank=rank, world=world, device=device, mesh=init_device_mesh(device.type, (world,)))
 
 
-def shard(model: CausalLM, dist: Dist, *, mixed_precision: bool = False) -> CausalLM:
+@contextlib.contextmanager
+def world_of_one(device: torch.device) -> Iterator[Dist]:
+    """A process group of this process alone (no torchrun), left when the block ends; see the module docstring."""
+    if torch_dist.is_initialized():
+        raise RuntimeError("a process group already exists: under torchrun use from_env()")
+    if device.type == "cuda":  # nccl and the device mesh take the current device: make it this one
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+    torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
+                                  rank=0, world_size=1)
+    try:
+        yield Dist(rank=0, world=1, device=device, mesh=init_device_mesh(device.type, (1,)))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def shard(model: CausalLM, dist: Dist, *, compute_dtype: torch.dtype | None = None) -> CausalLM:
     """Shard `model` in place with FSDP2 (see the module docstring); returns it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+    mixed = compute_dtype is not None and compute_dtype != model.dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if mixed \
         else MixedPrecisionPolicy()
     for layer in model.model.layers:
         fully_shard(layer, mesh=dist.mesh, mp_policy=policy)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
 from acim_fast.dist import Dist
@@ -186,11 +187,18 @@ class MStep:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser (keyed by parameter name, sharded as the model is: `torch.distributed.checkpoint` saves it and
-        loads it back into any world size), schedule and step count."""
-        return {"optimizer": get_optimizer_state_dict(self.model, self.optimizer),
-                "scheduler": self.scheduler.state_dict(), "steps": self.steps}
+        loads it back into any world size), schedule and step count; with a Dist also the trained copy's own (fp32,
+        sharded) weights under "model", since the samplers' export may be rounded to bf16."""
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+                 "scheduler": self.scheduler.state_dict(), "steps": self.steps}
+        if self.dist is not None:
+            state["model"] = get_model_state_dict(self.model)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`state` as `state_dict` gives it; without "model" the weights stay as they are (loaded from the export)."""
+        if "model" in state:
+            set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]

@@ -10,8 +10,9 @@ What it does (`train`):
    runs of different seeds are scored on the same problems. Iteration i explores the next `--problems_per_iter`
    problems of the training set shuffled per epoch (`data.shuffle`): a pure function of the seed and i.
 4. Iteration 0 evaluates the starting model; each iteration i >= 1 runs the E-step (`estep.explore`), the M-step
-   (`mstep.MStep.train`: the model is trained in place, and the next E-step's engine reads the same module, which is
-   the weight sync of a single process) and the evaluation (`evaluate.evaluate`), then appends one line of metrics
+   (`mstep.MStep.train`: an fp32 model is trained in place, and the next E-step's engine reads the same module, which
+   is the weight sync of a single process; a bf16 model is sampled as it is and trained on an fp32 master copy, as
+   under torchrun below, in a world of one) and the evaluation (`evaluate.evaluate`), then appends one line of metrics
    to RUN/metrics.jsonl (and prints it) and writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.checkpoint`:
    the HF-format model and tokenizer, the optimiser state, the evaluation report).
 5. At the end: RUN/report.png (`acim_fast.report`) and a summary table.
@@ -43,13 +44,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import tqdm
 
 from acim_fast import checkpoint
 from acim_fast.atomic import atomic_write
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.dist import Dist, from_env, full_state_dict, load_into, shard
+from acim_fast.dist import Dist, from_env, full_state_dict, load_into, shard, world_of_one
 from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.model import CausalLM
@@ -76,14 +78,16 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
     """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring).
     Under torchrun every rank calls it; rank 0 logs, evaluates and writes the run's files."""
     dist = from_env()
-    records = _train(config, dist, resume_dir, log)
+    with contextlib.ExitStack() as owned:
+        records = _train(config, dist, resume_dir, log, owned)
     if dist is not None:  # on an error, no barrier: the rank dies and torchrun stops the others
         dist.close()
     return records
 
 
-def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | None,
-           log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
+           owned: contextlib.ExitStack) -> list[dict[str, Any]]:
+    """`owned` closes what this call opens for itself (a world of one) when the caller's block ends."""
     main = dist is None or dist.is_main
     if not main:
         log = _silent
@@ -109,24 +113,31 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
     else:
         device = config.device
     policy = load_policy(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
+    compute = policy.model.dtype
+    if compute == torch.float16:
+        raise ValueError(f"{start} is float16: training computes in the model's dtype, and float16 gradients would "
+                         f"need loss scaling, which this trainer does not do: pass --dtype bfloat16 (or float32)")
+    if dist is None and compute != torch.float32:
+        # A bf16 model trained in place would round away AdamW's updates (at lr 1e-6, nearly all of them): one
+        # process trains like a torchrun rank instead, on an fp32 master copy through FSDP2's mixed precision.
+        dist = owned.enter_context(world_of_one(torch.device(device)))
     trained = policy.model
     backend = None
     if config.rollout_backend == "vllm":
-        if dist is not None:
+        if dist is not None and dist.world > 1:
             raise ValueError("--rollout_backend vllm runs one vLLM engine in one process: under torchrun use the "
                              "default --rollout_backend ours")
         backend = VLLMBackend(start, config.vllm, dtype=config.dtype, seed=config.seed)
         policy = dataclasses.replace(policy, backend=backend)
-    if dist is not None:  # a second copy to shard: the sampler's stays whole and is refreshed after each M-step
-        mixed = dist.device.type == "cuda"  # fp32 master shards, bf16 compute, fp32 gradient reduction
-        trained = shard(CausalLM.from_pretrained(start, dtype="float32" if mixed else config.dtype, device=device),
-                        dist, mixed_precision=mixed)
+    if dist is not None:  # a second copy to shard, in fp32: the sampler's stays whole, refreshed after each M-step
+        trained = shard(CausalLM.from_pretrained(start, dtype="float32", device=device), dist, compute_dtype=compute)
     mstep = MStep(trained, config.mstep, total_steps=planned_steps(config), dist=dist)
     records: list[dict[str, Any]] = []
     first = 0
     if last is not None:
         first = checkpoint.iteration_of(last) + 1
-        mstep.load_state_dict(checkpoint.load_trainer_state(last, mstep.state_dict()))
+        # A plain fp32 process saved no separate trainer weights: its export is them.
+        mstep.load_state_dict(checkpoint.load_trainer_state(last, mstep.state_dict(), optional=("model",)))
         records = [r for r in read_metrics(run_dir) if r["iteration"] < first]
         if main:
             text = "".join(json.dumps(r) + "\n" for r in records)
@@ -156,12 +167,12 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                 if backend is not None:
                     backend.sleep()  # its GPU memory is the M-step's until the weights come back
                 record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
-                if backend is not None:  # weight sync: vLLM's copy, in place
-                    backend.load_weights(trained)
                 if dist is not None:  # weight sync: the full weights, one copy at a time, into every sampler
                     state = full_state_dict(trained)
                     load_into(policy.model, state)
                     del state
+                if backend is not None:  # weight sync: vLLM's copy, in place
+                    backend.load_weights(policy.model)
             report = None
             if main:
                 report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box,

@@ -138,7 +138,8 @@ class Sandbox:
         self._workroot = tempfile.mkdtemp(prefix="acim-sandbox-")
         os.chmod(self._workroot, 0o711)  # cells may reach their own directory, not list the others
         try:
-            self._client = [_Client(self._server_options, self._workroot)]  # shared with the finalizer; swapped on restart
+            # Shared with the finalizer; swapped on restart.
+            self._client = [_Client(self._server_options, self._workroot)]
         except BaseException:
             remove_tree(self._workroot)
             raise

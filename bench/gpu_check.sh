@@ -16,10 +16,13 @@ python -m pytest -q tests/test_policy_loss.py tests/test_paged_attention.py test
     tests/test_sampler.py 2>&1 | tee "$OUT/tests.log"
 BENCH_JSON="$OUT/policy_loss.json" python -m pytest -q bench/bench_policy_loss.py bench/bench_paged_attention.py \
     bench/bench_sampler.py bench/bench_mstep.py --benchmark-only --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
-# The FSDP2 path on one GPU (a world of 1 under torchrun still shards, with bf16 mixed precision): the reduced run,
-# warm-up included. Needs the package's other dependencies (math-verify, matplotlib) on the machine.
-python -m torch.distributed.run --standalone --nproc_per_node 1 -m acim_fast.run --preset smoke \
+# The FSDP2 path on one GPU with bf16 mixed precision: the reduced run (warm-up included) under torchrun (a world
+# of 1 still shards), then as a plain process (a world of one of its own: nccl on a HashStore).
+# Needs the package's other dependencies (math-verify, matplotlib) on the machine.
+python -m torch.distributed.run --standalone --nproc_per_node 1 -m acim_fast.run --preset smoke --dtype bfloat16 \
     --out_dir "$OUT/fsdp_smoke" 2>&1 | tail -20 | tee "$OUT/fsdp_smoke.log"
+python -m acim_fast.run --preset smoke --dtype bfloat16 --device cuda --model "$OUT/fsdp_smoke/warmup" \
+    --out_dir "$OUT/bf16_one_process" 2>&1 | tail -20 | tee "$OUT/bf16_one_process.log"
 # The vLLM backend on CUDA (sleep mode included), only where vLLM is installed on the machine (a CUDA vLLM wheel is
 # too large to carry): the same tests as on CPU, then the E-step comparison.
 if python -c "import vllm" 2>/dev/null; then

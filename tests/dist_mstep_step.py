@@ -35,7 +35,7 @@ d = D.from_env()
 flags = set(sys.argv[2:])
 model = build_model(CONFIG, build_tokenizer())
 if d is not None:
-    D.shard(model, d, mixed_precision="mixed" in flags)
+    D.shard(model, d, compute_dtype=torch.bfloat16 if "mixed" in flags else None)
 seen = []  # per call of a decoder projection: its (input, weight) dtypes inside FSDP's forward (bf16 under mixed
 # precision), and whether autograd recorded (training forwards, and their recomputation under checkpointing)
 model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(

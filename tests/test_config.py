@@ -51,6 +51,7 @@ def test_grpo_is_one_flag_and_defines_its_own_loss():
     (["--loss.return_entropy", "maybe"], "expected true/false"),
     (["--estep.k_free", "0"], "EStepConfig.k_free"),
     (["--algo", "ppo"], "Config.algo"),
+    (["--dtype", "float16"], "Config.dtype"),
     (["--rollout-backend", "sglang"], "Config.rollout_backend"),
     (["--vllm.gpu_memory_utilization", "1.5"], "VLLMOptions.gpu_memory_utilization"),
     (["--vllm.block_size", "0"], "VLLMOptions.block_size"),

@@ -164,3 +164,41 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_result(warm_model, t
     final, expected = _weights(run, 2), _weights(tmp_path / "reference", 2)
     for k in expected:
         torch.testing.assert_close(final[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+def _masters(run_dir, iteration, tmp_path):
+    """The trainer's own weights saved in a checkpoint's trainer state (torch.distributed.checkpoint format)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"masters-{Path(run_dir).name}-{iteration}.pt"
+    dcp_to_torch_save(Path(run_dir) / "checkpoints" / f"iter_{iteration:04d}" / "trainer", out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def test_a_bf16_model_trains_fp32_master_weights_in_one_process_and_resumes_exactly(warm_model, tmp_path):
+    """A bf16 sampler with the model trained in place would round AdamW's small updates away; one process trains an
+    fp32 master copy instead (FSDP2's mixed precision in a world of one), exports its bf16 rounding, and saves the
+    masters with the trainer state, so a killed run resumes to the same masters."""
+    reference = tmp_path / "reference"
+    train(_smoke(reference, warm_model, dtype="bfloat16"), log=lambda _: None)
+    assert not torch.distributed.is_initialized(), "the world of one was not left"
+    initial = load_file(Path(warm_model) / "model.safetensors")  # fp32: the masters start from it exactly
+    masters, export = _masters(reference, 2, tmp_path), _weights(reference, 2)
+    below_bf16 = 0
+    for name, value in masters.items():
+        assert value.dtype == torch.float32 and export[name].dtype == torch.bfloat16, name
+        assert torch.equal(export[name], value.to(torch.bfloat16)), name  # the samplers run the masters, rounded
+        # Updates that bf16 weights could not hold yet: the master moved, its bf16 rounding did not.
+        below_bf16 += int(((value != initial[name]) & (export[name] == initial[name].to(torch.bfloat16))).sum())
+    assert below_bf16 > 0
+
+    run = tmp_path / "killed"
+    proc = _start(["--preset", "smoke", "--model", str(warm_model), "--dtype", "bfloat16", "--out_dir", str(run)],
+                  tmp_path)
+    _kill_when(proc, lambda: (run / "checkpoints" / "iter_0001").is_dir())
+    done = subprocess.run([sys.executable, "-m", "acim_fast.run", "--resume", str(run)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, value in _masters(run, 2, tmp_path).items():
+        torch.testing.assert_close(value, masters[name], rtol=1e-4, atol=1e-5)
+
