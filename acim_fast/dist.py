@@ -100,7 +100,8 @@ def world_of_one(device: torch.device) -> Iterator[Dist]:
     try:
         yield Dist(rank=0, world=1, device=device, mesh=init_device_mesh(device.type, (1,)))
     finally:
-        torch_dist.destroy_process_group()
+        if torch_dist.is_initialized():  # an in-process vLLM engine built on it destroys it when it shuts down
+            torch_dist.destroy_process_group()
 
 
 def shard(model: CausalLM, dist: Dist, *, compute_dtype: torch.dtype | None = None) -> CausalLM:

@@ -170,6 +170,11 @@ class VLLMBackend:
             self.llm.sleep(level=2)
             self.asleep = True
 
+    def close(self) -> None:
+        """Shut the engine down now (idempotent). Otherwise vLLM does it when the interpreter exits, tearing down
+        process groups built on a default group that may be gone by then (a run's world of one)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 @dataclass(eq=False, kw_only=True)
 class _VSeq(SeqState):

@@ -239,3 +239,19 @@ def test_a_smoke_run_with_the_vllm_backend(warm_model, tmp_path):
     last = records[-1]
     assert last["estep/buffer"] > 0 and last["mstep/steps"] > 0 and math.isfinite(last["mstep/loss"])
     assert last["mstep/behaviour_gap_max"] < 1e-4  # vLLM's log-probs against the training forward
+
+
+@needs_vllm
+def test_a_bf16_run_with_the_vllm_backend_trains_masters_and_exits_cleanly(warm_model, tmp_path):
+    """bf16 samples through vLLM while one process trains fp32 masters in its world of one (see test_run): vLLM
+    builds its process groups on that world, so it must shut down before the world is left."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "acim_fast.run", "--preset", "smoke", "--iterations", "1",
+                           "--model", str(warm_model), "--dtype", "bfloat16", "--rollout_backend", "vllm",
+                           "--out_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["iteration"] == 1 and line["mstep/steps"] > 0 and math.isfinite(line["mstep/loss"])
+
