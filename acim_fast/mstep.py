@@ -232,6 +232,7 @@ class MStep:
         for k, v in sums.items():
             metrics[k] = v / max(1, metrics["mstep/steps"])
         metrics["mstep/lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.zero_grad(set_to_none=True)  # their memory is the E-step's KV cache's until the next M-step
         self.model.eval()
         return metrics
 

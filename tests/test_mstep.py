@@ -96,9 +96,13 @@ def test_a_step_does_not_depend_on_its_micro_batches_or_activation_checkpointing
         trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=8, micro_batch_tokens=tokens,
                                        warmup_steps=0, grad_clip=0.0, activation_checkpointing=checkpointed),
                         total_steps=1)
+        # The step's gradient, as the optimiser gets it: Adam's first update (about lr * sign) would hide it.
+        grads = {}
+        trainer.optimizer.register_step_pre_hook(
+            lambda *_: grads.update({k: p.grad.clone() for k, p in m.named_parameters()}))
         metrics = trainer.train(samples, LOSS)
-        # The step's gradient stays on the parameters; Adam's first update (about lr * sign) would hide it.
-        results.append((metrics["mstep/loss"], {k: p.grad for k, p in m.named_parameters()}))
+        assert all(p.grad is None for p in m.parameters()), "gradients outlived the M-step"
+        results.append((metrics["mstep/loss"], grads))
     for loss, grads in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
         for k, grad in results[0][1].items():
