@@ -65,9 +65,11 @@ class Dist:
     def close(self) -> None:
         """Wait for every rank, then leave the process group. A rank that exits with the group alive can abort in
         the backend's destructor while another still works (seen with gloo: "terminate called without an active
-        exception"), so every rank calls this before it exits."""
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
+        exception"), so every rank calls this before it exits. An in-process vLLM engine destroys the group itself
+        when it shuts down (after the ranks' last collective): then there is nothing left to do."""
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
+            torch_dist.destroy_process_group()
 
 
 def from_env() -> Dist | None:
@@ -100,7 +102,7 @@ def world_of_one(device: torch.device) -> Iterator[Dist]:
     try:
         yield Dist(rank=0, world=1, device=device, mesh=init_device_mesh(device.type, (1,)))
     finally:
-        if torch_dist.is_initialized():  # an in-process vLLM engine built on it destroys it when it shuts down
+        if torch_dist.is_initialized():  # an in-process vLLM engine destroys it when it shuts down
             torch_dist.destroy_process_group()
 
 

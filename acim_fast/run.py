@@ -123,13 +123,10 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
         dist = owned.enter_context(world_of_one(torch.device(device)))
     trained = policy.model
     backend = None
-    if config.rollout_backend == "vllm":
-        if dist is not None and dist.world > 1:
-            raise ValueError("--rollout_backend vllm runs one vLLM engine in one process: under torchrun use the "
-                             "default --rollout_backend ours")
+    if config.rollout_backend == "vllm":  # one engine per process, which its rank alone drives
         # On `owned`, so that it shuts down before a world of one entered earlier is left.
-        backend = owned.enter_context(contextlib.closing(VLLMBackend(start, config.vllm, dtype=config.dtype,
-                                                                     seed=config.seed)))
+        backend = owned.enter_context(contextlib.closing(VLLMBackend(
+            start, config.vllm, dtype=config.dtype, seed=config.seed, per_rank=dist is not None and dist.world > 1)))
         policy = dataclasses.replace(policy, backend=backend)
     if dist is not None:  # a second copy to shard, in fp32: the sampler's stays whole, refreshed after each M-step
         trained = shard(CausalLM.from_pretrained(start, dtype="float32", device=device), dist, compute_dtype=compute)

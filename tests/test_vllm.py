@@ -231,7 +231,11 @@ def test_the_evaluation_command_line_through_vllm(warm_model, tmp_path):
 
 
 @needs_vllm
-def test_a_smoke_run_with_the_vllm_backend(warm_model, tmp_path):
+def test_a_smoke_run_with_the_vllm_backend_in_one_and_in_two_processes(warm_model, tmp_path):
+    """Under torchrun every rank drives its own vLLM engine (external_launcher) on its share of the problems: the
+    merged E-step and the run's metrics equal the one-process run's."""
+    import subprocess
+
     config = dataclasses.replace(smoke_preset(), out_dir=str(tmp_path / "run"), model=str(warm_model),
                                  iterations=1, rollout_backend="vllm")
     records = train(config, log=lambda _: None)
@@ -239,6 +243,22 @@ def test_a_smoke_run_with_the_vllm_backend(warm_model, tmp_path):
     last = records[-1]
     assert last["estep/buffer"] > 0 and last["mstep/steps"] > 0 and math.isfinite(last["mstep/loss"])
     assert last["mstep/behaviour_gap_max"] < 1e-4  # vLLM's log-probs against the training forward
+
+    two = tmp_path / "two"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "acim_fast.run", "--preset", "smoke", "--iterations", "1", "--model", str(warm_model),
+                           "--rollout_backend", "vllm", "--out_dir", str(two)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    mine = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in mine] == [0, 1]
+    for a, b in zip(mine, records):
+        for key in ("estep/rollouts", "estep/buffer", "estep/reward_mean", "eval/pass_at_1", "eval/code_use_rate"):
+            assert a.get(key) == b.get(key), (a["iteration"], key)
+    assert abs(mine[1]["mstep/loss"] - last["mstep/loss"]) < 1e-4
+    # vLLM's own trace: the partial blocks it recomputes when a prefix is re-submitted (our sampler recomputes none).
+    assert mine[1]["estep/recomputed_tokens"] == last["estep/recomputed_tokens"] > 0
 
 
 @needs_vllm
