@@ -87,7 +87,8 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
 
 def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
            owned: contextlib.ExitStack) -> list[dict[str, Any]]:
-    """`owned` closes what this call opens for itself (a world of one) when the caller's block ends."""
+    """`owned` closes what this call opens for itself (a world of one, the vLLM engine) when the caller's block
+    ends, last opened first closed."""
     main = dist is None or dist.is_main
     if not main:
         log = _silent
