@@ -13,7 +13,7 @@ What it does:
   fp32 masters): the gathered parameters and the compute in that dtype, the gradient reduction and the sharded
   master parameters, hence the optimiser's updates, in fp32.
 - `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
-  Python objects, a barrier).
+  Python objects or every rank's strided share of a list, a barrier).
 - `full_state_dict(model)`: the unsharded parameters on every rank (for the per-rank samplers), gathered one tensor
   at a time by `torch.distributed.checkpoint.state_dict`; `load_into(sampler, state)` copies them in place, after
   which the caller drops `state`, so two full copies live only during the copy.
@@ -58,6 +58,14 @@ class Dist:
         out: list[Any] = [None] * self.world
         torch_dist.all_gather_object(out, obj)
         return out
+
+    def gather_shares(self, share: list[Any]) -> list[Any]:
+        """The whole list, on every rank, from each rank's share `whole[rank::world]` (pickled, as `gather`)."""
+        parts = self.gather(share)
+        whole: list[Any] = [None] * sum(len(part) for part in parts)
+        for r, part in enumerate(parts):
+            whole[r::self.world] = part
+        return whole
 
     def barrier(self) -> None:
         torch_dist.barrier()

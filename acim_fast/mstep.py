@@ -158,8 +158,7 @@ def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperatur
             out[row] = logp[end - len(s.response_ids):end].tolist()
     model.train(was_training)
     if dist is not None:  # each rank computed its share: put every share in every rank's list
-        for r, part in enumerate(dist.gather(out[dist.rank::dist.world])):
-            out[r::dist.world] = part
+        out = dist.gather_shares(out[dist.rank::dist.world])
     return out
 
 

@@ -24,10 +24,11 @@ with the same data order and seeds: a run killed at any moment resumes without l
 Under `torchrun --nproc_per_node N -m acim_fast.run ...` (see `acim_fast.dist`) every rank runs this same function:
 rank 0 prepares the run directory and the starting model, every rank explores its share of each iteration's problems
 with its own sampler (a whole copy of the weights), the shares are merged into the single-process E-step result, the
-M-step trains an FSDP2-sharded copy on the merged buffer, the trained weights are gathered into every sampler, and
-rank 0 evaluates and writes metrics and the HF export; the trainer state is saved by all ranks.
+M-step trains an FSDP2-sharded copy on the merged buffer, the trained weights are gathered into every sampler, every
+rank evaluates its share of the held-out problems, and rank 0 merges the report and writes metrics and the HF export;
+the trainer state is saved by all ranks.
 
-What it does not do: choose hyper-parameters (see `--help`), or shard the evaluation (rank 0 runs it alone).
+What it does not do: choose hyper-parameters (see `--help`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.model import CausalLM
 from acim_fast.mstep import MStep
-from acim_fast.policy import load_policy
+from acim_fast.policy import Policy, load_policy
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
 from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.sft import SFTConfig, warm_up
@@ -149,8 +150,7 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
         explore_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.estep.sandbox_timeout_s)))
-        eval_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s))) \
-            if main else None
+        eval_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s)))
         bar = tqdm.tqdm(range(first, config.iterations + 1), desc="EM iterations",
                         disable=not (main and sys.stderr.isatty()))
         for it in bar:
@@ -173,10 +173,9 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                     del state
                 if backend is not None:  # weight sync: vLLM's copy, in place
                     backend.load_weights(policy.model)
-            report = None
+            report = evaluate_held_out(policy, held_out, config, eval_box, {"iteration": it, "run": str(run_dir)},
+                                       dist)
             if main:
-                report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box,
-                                  meta={"iteration": it, "run": str(run_dir)})
                 record.update(eval_metrics(report))
                 record["time_s"] = elapsed + time.monotonic() - began
                 records.append(record)
@@ -266,6 +265,19 @@ def planned_steps(config: Config) -> int:
     per_iteration = config.mstep.epochs * math.ceil(config.problems_per_iter * per_problem
                                                     / config.mstep.samples_per_step)
     return max(1, config.iterations * per_iteration)
+
+
+def evaluate_held_out(policy: Policy, held_out: list[Problem], config: Config, sandbox: Sandbox,
+                      meta: dict[str, Any], dist: Dist | None) -> Report | None:
+    """The held-out evaluation. With several ranks each evaluates every world-th problem (a problem's samples are
+    seeded by the problem alone, so the rows are those of one process evaluating them all) and rank 0 gets the whole
+    report; the others get None."""
+    if dist is None:
+        return evaluate(policy, held_out, options=config.eval, sandbox=sandbox, meta=meta)
+    share = held_out[dist.rank::dist.world]
+    rows = evaluate(policy, share, options=config.eval, sandbox=sandbox, meta=meta).rows if share else []
+    rows = dist.gather_shares(rows)
+    return Report.build(rows, config.eval, meta) if dist.is_main else None
 
 
 def eval_metrics(report: Report) -> dict[str, Any]:

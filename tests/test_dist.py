@@ -102,10 +102,19 @@ def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_
     mine, ref = lines(two), lines(tmp_path / "one")
     assert [r["iteration"] for r in mine] == [0, 1, 2]
     for a, b in zip(mine, ref):
-        for key in ("estep/rollouts", "estep/buffer", "estep/reward_mean", "eval/pass_at_1", "eval/code_use_rate"):
+        for key in ("estep/rollouts", "estep/buffer", "estep/reward_mean", "eval/pass_at_1", "eval/code_use_rate",
+                    "eval/selection_accuracy", "eval/labelled"):
             assert a.get(key) == b.get(key), (a["iteration"], key)
         if a["iteration"]:
             assert abs(a["mstep/loss"] - b["mstep/loss"]) < 1e-5
+
+    # Iterations 0 and 1 ran in 2 processes, each evaluating every other held-out problem: rank 0's merged report
+    # holds the one-process report's rows, in its order.
+    def rows(run, it):
+        return json.loads((run / "checkpoints" / f"iter_{it:04d}" / "eval.json").read_text())["problems"]
+
+    for it in (0, 1):
+        assert rows(two, it) == rows(tmp_path / "one", it)
     final = load_file(two / "checkpoints" / "iter_0002" / "model.safetensors")
     expected = load_file(tmp_path / "one" / "checkpoints" / "iter_0002" / "model.safetensors")
     for k, v in expected.items():
