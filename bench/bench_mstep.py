@@ -40,7 +40,8 @@ def make_step(name: str, checkpoint_layers: bool, device: str):
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "max_position_embeddings": length, "tie_word_embeddings": False})
     torch.manual_seed(0)
-    model = CausalLM(config, dtype=getattr(torch, dtype)).to(device)
+    with torch.device(device):  # built where it runs: a 1.5B model initialised on the CPU would take a while
+        model = CausalLM(config, dtype=getattr(torch, dtype))
     for p in model.parameters():  # PyTorch's default init makes the loss's logits degenerate
         torch.nn.init.normal_(p, std=0.02)
     n = seqs * length
