@@ -61,6 +61,9 @@ class Config:
     eval_problems: int = option(96, "held-out problems evaluated after every iteration", group="run")
     warmup_steps: int = option(1200, "warm-up SFT steps of the embedded tiny model (ignored with --model)",
                                group="run")
+    keep_trainer_states: int = option(0, "trainer states (optimiser, fp32 masters: 12-16 bytes per parameter) kept: "
+                                      "those of the newest N checkpoints; older ones keep their model and eval "
+                                      "report, and --resume needs only the newest; 0 = keep all", group="run")
     rollout_backend: str = option("ours", "engine of the E-step and evaluation rollouts: ours (the paged sampler "
                                   "that forks with copy-on-write) | vllm (vLLM's offline engine, one process; "
                                   "see --vllm.*)", group="run")
@@ -76,7 +79,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for name, minimum in (("seed", 0), ("iterations", 0), ("problems_per_iter", 1), ("eval_problems", 1),
-                              ("warmup_steps", 0)):
+                              ("warmup_steps", 0), ("keep_trainer_states", 0)):
             check_int(self, name, minimum)
         if not self.out_dir:
             raise ValueError("Config.out_dir must not be empty")

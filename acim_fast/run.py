@@ -183,6 +183,8 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
             checkpoint.save(run_dir, it, policy, mstep.state_dict(),
                             files={"eval.json": report.to_json()} if main else None, dist=dist)
             if main:
+                if config.keep_trainer_states:
+                    checkpoint.prune_trainer_states(run_dir, config.keep_trainer_states)
                 log(format_line(record))
     if main:
         plot({f"{config.algo} seed {config.seed}": records}, run_dir / "report.png")
