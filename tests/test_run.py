@@ -94,6 +94,17 @@ def test_data_files_and_their_errors(tmp_path):
         train(dataclasses.replace(config, model=str(tmp_path), out_dir=str(tmp_path / "r")), log=lambda _: None)
 
 
+def test_a_float16_checkpoint_is_refused_with_the_fix(tmp_path):
+    from acim_fast.model import CausalLM
+    from acim_fast.tiny import create_tiny
+
+    path = create_tiny(tmp_path / "tiny")
+    CausalLM.from_pretrained(path).to(torch.float16).save_pretrained(path)
+    with pytest.raises(ValueError, match=r"is float16: .*pass --dtype bfloat16"):
+        train(_smoke(tmp_path / "run", path), log=lambda _: None)
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_jsonl_dataset_trains_with_the_same_code(warm_model, tmp_path):
     """--data / --eval_data: problems in the task's wording, as a user's jsonl files."""
     def write(name, problems):
