@@ -14,9 +14,9 @@ What it does:
   master parameters, hence the optimiser's updates, in fp32.
 - `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
   Python objects or every rank's strided share of a list, a barrier).
-- `full_state_dict(model)`: the unsharded parameters on every rank (for the per-rank samplers), gathered one tensor
-  at a time by `torch.distributed.checkpoint.state_dict`; `load_into(sampler, state)` copies them in place, after
-  which the caller drops `state`, so two full copies live only during the copy.
+- `copy_full_weights(sharded, into)`: the trained (sharded) parameters copied whole into a per-rank sampler's model,
+  gathered one tensor at a time: besides the two models, one unsharded tensor exists at any moment (a full fp32
+  copy of a 7B model would be 28 GB on every GPU).
 
 What it does not do: tensor or pipeline parallelism, or pick the world size (torchrun does).
 """
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from acim_fast.model import CausalLM
 
@@ -128,19 +129,15 @@ def shard(model: CausalLM, dist: Dist, *, compute_dtype: torch.dtype | None = No
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) parameters and buffers on every rank; plain tensors on the model's device."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-
-
 @torch.no_grad()
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into `model`'s parameters in place (same names and shapes)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for name, tensor in own.items():
-        tensor.copy_(state[name])
+def copy_full_weights(sharded: torch.nn.Module, into: torch.nn.Module) -> None:
+    """Copy `sharded`'s parameters (FSDP2's DTensor shards, or plain tensors) whole into `into`'s parameters of the same
+    names, in place and in `into`'s dtype. Collective: every rank calls it (each tensor is all-gathered in turn)."""
+    target = dict(into.named_parameters())
+    source = dict(sharded.named_parameters())
+    if set(source) != set(target):
+        raise ValueError(f"parameter names differ: {sorted(set(source) ^ set(target))[:5]}")
+    for name, param in source.items():  # the same order on every rank: the gathers pair up
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        target[name].copy_(full)
+        del full

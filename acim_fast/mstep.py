@@ -25,7 +25,7 @@ What it does:
   single-process step (tested to 1e-5).
 
 What it does not do: sample, sync weights into a separate inference copy (in one process the sampler reads this very
-module; with several, `acim_fast.dist.full_state_dict`), or checkpoint files (run.py).
+module; with several, `acim_fast.dist.copy_full_weights`), or checkpoint files (run.py).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from acim_fast import checkpoint
 from acim_fast.atomic import atomic_write
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.dist import Dist, from_env, full_state_dict, load_into, shard, world_of_one
+from acim_fast.dist import Dist, copy_full_weights, from_env, shard, world_of_one
 from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.model import CausalLM
@@ -167,10 +167,8 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                 if backend is not None:
                     backend.sleep()  # its GPU memory is the M-step's until the weights come back
                 record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
-                if dist is not None:  # weight sync: the full weights, one copy at a time, into every sampler
-                    state = full_state_dict(trained)
-                    load_into(policy.model, state)
-                    del state
+                if dist is not None:  # weight sync: the full weights, one tensor at a time, into every sampler
+                    copy_full_weights(trained, policy.model)
                 if backend is not None:  # weight sync: vLLM's copy, in place
                     backend.load_weights(policy.model)
             report = evaluate_held_out(policy, held_out, config, eval_box, {"iteration": it, "run": str(run_dir)},

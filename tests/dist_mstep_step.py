@@ -43,12 +43,16 @@ model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
 trainer = MStep(model, MStepConfig(lr=1e-4, epochs=1, samples_per_step=12, micro_batch_tokens=48, warmup_steps=0,
                                    activation_checkpointing="checkpointed" in flags), total_steps=1, dist=d)
 metrics = trainer.train(samples(), LossConfig(objective="clip", sft_coef=0.5))
-state = D.full_state_dict(model) if d is not None else model.state_dict()
+master_dtypes = {p.dtype for p in model.parameters()}
+if d is not None:  # the trained weights, whole, as the samplers get them
+    whole = build_model(CONFIG, build_tokenizer())
+    D.copy_full_weights(model, whole)
+    model = whole
 if d is None or d.is_main:
     initial = build_model(CONFIG, build_tokenizer()).state_dict()
-    torch.save({"state": {k: v.detach().clone() for k, v in state.items()}, "initial": initial, "metrics": metrics,
-                "compute_dtypes": {call[:2] for call in seen},
-                "block_calls": [sum(call[2] == grad for call in seen) for grad in (False, True)], "master_dtypes": {p.dtype for p in model.parameters()}},
-               sys.argv[1])
+    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "initial": initial,
+                "metrics": metrics, "compute_dtypes": {call[:2] for call in seen},
+                "block_calls": [sum(call[2] == grad for call in seen) for grad in (False, True)],
+                "master_dtypes": master_dtypes}, sys.argv[1])
 if d is not None:
     d.close()
