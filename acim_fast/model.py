@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from acim_fast.atomic import atomic_write
@@ -454,8 +455,14 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> CausalLM:
-        """Load a Hugging Face checkpoint directory. dtype: default the checkpoint's config dtype, else fp32."""
+                        device: torch.device | str = "cpu",
+                        prepare: Callable[[CausalLM], object] | None = None) -> CausalLM:
+        """Load a Hugging Face checkpoint directory. dtype: default the checkpoint's config dtype, else fp32.
+
+        prepare(model) runs on the model before any of its memory is allocated (it is on the meta device): with FSDP2
+        sharding there, each parameter is allocated as its shard and takes only its shard of each checkpoint tensor,
+        read one at a time, so the whole model never sits on the device.
+        """
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -466,6 +473,8 @@ class CausalLM(nn.Module):
         # Build without allocating, then allocate once on the target device: every tensor is overwritten below.
         with torch.device("meta"):
             model = cls(cfg, dtype=dtype)
+        if prepare is not None:
+            prepare(model)
         model.to_empty(device=device)
         params = dict(model.named_parameters())
         files = _checkpoint_files(path)
@@ -499,7 +508,7 @@ class CausalLM(nn.Module):
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
                         if name in params:
-                            params[name].copy_(f.get_tensor(name))
+                            _fill(params[name], f.get_tensor(name))
         return model
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -540,6 +549,15 @@ class CausalLM(nn.Module):
         for stale in list(path.glob("model*.safetensors")) + list(path.glob(INDEX_FILE)):
             if stale.name not in keep:
                 stale.unlink()
+
+
+def _fill(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a whole checkpoint tensor into `param`; a sharded (DTensor) parameter keeps its own shard of it, cut
+    locally since every rank reads the checkpoint (no communication)."""
+    if isinstance(param, DTensor):
+        tensor = distribute_tensor(tensor.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                   src_data_rank=None)
+    param.copy_(tensor)
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

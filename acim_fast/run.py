@@ -130,8 +130,10 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
         backend = owned.enter_context(contextlib.closing(VLLMBackend(
             start, config.vllm, dtype=config.dtype, seed=config.seed, per_rank=dist is not None and dist.world > 1)))
         policy = dataclasses.replace(policy, backend=backend)
-    if dist is not None:  # a second copy to shard, in fp32: the sampler's stays whole, refreshed after each M-step
-        trained = shard(CausalLM.from_pretrained(start, dtype="float32", device=device), dist, compute_dtype=compute)
+    if dist is not None:  # a second copy, fp32 and sharded as it loads: the sampler's stays whole, refreshed after
+        # each M-step
+        trained = CausalLM.from_pretrained(start, dtype="float32", device=device,
+                                           prepare=lambda model: shard(model, dist, compute_dtype=compute))
     mstep = MStep(trained, config.mstep, total_steps=planned_steps(config), dist=dist)
     records: list[dict[str, Any]] = []
     first = 0
