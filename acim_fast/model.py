@@ -6,13 +6,14 @@ What it does:
   config says, tied or untied embeddings.
 - `CausalLM.from_pretrained(dir)` reads `model.safetensors` or sharded `*.safetensors` + `model.safetensors.index.json`
   with safetensors alone (no transformers model class); a tensor that is missing, unexpected or of the wrong shape
-  raises `ValueError` naming it. `save_pretrained(dir)` writes the same format (sharded with an index when large),
+  raises `ValueError` naming it; `prepare=` runs on the meta-device model first (e.g. FSDP2 sharding, so that each
+  rank loads only its shards). `save_pretrained(dir)` writes the same format (sharded with an index when large),
   every file atomically (temp file + `os.replace`).
 - Two attention paths over packed tokens `[N, ...]` (no batch dimension, no padding):
   `forward_hidden(ids, cu_seqlens=...)` is the dense/varlen path for training-time log-prob passes (causal within
-  each packed sequence, SDPA per sequence, differentiable); `forward_paged(ids, kv, batch)` is the inference path
-  over a paged KV pool (prefill and decode chunks mixed, through `acim_kernels.paged_attention`). On the CPU, a
-  decode-only batch whose sequences share leading blocks (forks of one prompt) instead goes through
+  each packed sequence, SDPA per sequence, differentiable, optionally with activation checkpointing per decoder
+  block); `forward_paged(ids, kv, batch)` is the inference path over a paged KV pool (prefill and decode chunks
+  mixed, through `acim_kernels.paged_attention`). On the CPU, a decode-only batch whose sequences share leading blocks (forks of one prompt) instead goes through
   `decode_attention_shared_prefix`, which reads each shared prefix once per step rather than once per sequence
   (checked against `paged_attention_ref`).
 - The final hidden states are exposed apart from the lm_head (`forward_hidden` and `lm_head_weight`), so that a fused
