@@ -13,9 +13,9 @@ What it does:
   `forward_hidden(ids, cu_seqlens=...)` is the dense/varlen path for training-time log-prob passes (causal within
   each packed sequence, SDPA per sequence, differentiable, optionally with activation checkpointing per decoder
   block); `forward_paged(ids, kv, batch)` is the inference path over a paged KV pool (prefill and decode chunks
-  mixed, through `acim_kernels.paged_attention`). On the CPU, a decode-only batch whose sequences share leading blocks (forks of one prompt) instead goes through
-  `decode_attention_shared_prefix`, which reads each shared prefix once per step rather than once per sequence
-  (checked against `paged_attention_ref`).
+  mixed, through `acim_kernels.paged_attention`). On the CPU, a decode-only batch whose sequences share leading
+  blocks (forks of one prompt) instead goes through `decode_attention_shared_prefix`, which reads each shared prefix
+  once per step rather than once per sequence (checked against `paged_attention_ref`).
 - The final hidden states are exposed apart from the lm_head (`forward_hidden` and `lm_head_weight`), so that a fused
   loss can consume `hidden [N, H]` and `weight [V, H]` without materialising logits.
 
