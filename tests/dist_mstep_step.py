@@ -1,11 +1,15 @@
 """One M-step of a small model on fixed samples, run by tests/test_dist.py both as a plain process and under
-`torchrun --nproc_per_node 2` (FSDP2 on gloo); saves the full parameters and metrics to argv[1] (rank 0).
+`torchrun --nproc_per_node 2` (FSDP2 on gloo, the model loaded sharded from a checkpoint as run.py loads it); saves
+the full parameters and metrics to argv[1] (rank 0).
 Flags after the path: "mixed", the GPU's mixed precision for the shards (bf16 compute, fp32 reduction and master
 shards); "checkpointed", activation checkpointing. The dtypes a decoder projection computed in are saved too."""
 
-import random, sys
+import random, shutil, sys, tempfile
+from pathlib import Path
+
 import torch
 from acim_fast import dist as D
+from acim_fast.model import CausalLM
 from acim_fast.estep import Sample
 from acim_fast.mstep import MStep, MStepConfig
 from acim_fast.tiny import TinyConfig, build_model, build_tokenizer
@@ -34,8 +38,12 @@ def samples(n=12):
 d = D.from_env()
 flags = set(sys.argv[2:])
 model = build_model(CONFIG, build_tokenizer())
-if d is not None:
-    D.shard(model, d, compute_dtype=torch.bfloat16 if "mixed" in flags else None)
+if d is not None:  # loaded as run.py loads the trained copy: each rank keeps its shard of every checkpoint tensor
+    saved = Path(tempfile.mkdtemp())
+    model.save_pretrained(saved)
+    compute = torch.bfloat16 if "mixed" in flags else None
+    model = CausalLM.from_pretrained(saved, dtype="float32", prepare=lambda m: D.shard(m, d, compute_dtype=compute))
+    shutil.rmtree(saved)
 seen = []  # per call of a decoder projection: its (input, weight) dtypes inside FSDP's forward (bf16 under mixed
 # precision), and whether autograd recorded (training forwards, and their recomputation under checkpointing)
 model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
