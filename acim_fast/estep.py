@@ -49,7 +49,6 @@ What it does not do: train, recompute log-probs with the training forward (the M
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import random
 import sys
@@ -63,7 +62,7 @@ from acim_fast.data import Problem
 from acim_fast.options import check_int, option
 from acim_fast.policy import Policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import SamplingParams
+from acim_fast.sampler import SamplingParams, stable_seed
 from acim_fast.sandbox import Sandbox
 
 ALGOS = ("em", "grpo")
@@ -253,11 +252,6 @@ class _Origin:
     fork_at: int | None = None  # response index where a sibling was forked
 
 
-def _seed(*parts: Any) -> int:
-    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def explore(policy: Policy, problems: Sequence[Problem], cfg: EStepConfig, *, algo: str = "em",
             sandbox: Sandbox, seed: int = 0, iteration: int = 0) -> EStepResult:
     """Run the E-step on `problems` (see the module docstring). Every random choice is a function of `seed`,
@@ -321,7 +315,7 @@ def build_buffer(samples: Sequence[Sample], stats: Sequence[ProblemStats], cfg: 
             buffer += [samples[i] for i in idx]
             continue
         pools = {c: [i for i in idx if samples[i].decision == c] for c in ("code", "prose")}
-        rng = random.Random(_seed("buffer", seed, iteration, stats[p].key))
+        rng = random.Random(stable_seed("buffer", seed, iteration, stats[p].key))
         buffer += [samples[i] for i in subsample(pools, stats[p].s_code, cfg.buffer_per_problem, rng)]
     return buffer
 
@@ -400,7 +394,7 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
             return []
         if parent in finished:  # it ended at its first sampled token: nothing to fork from
             problem = problems[p]
-            children = [loop.add(ids, problem.answer, replace(params, seed=_seed(
+            children = [loop.add(ids, problem.answer, replace(params, seed=stable_seed(
                 "estep", seed, iteration, problem.source, problem.id, kind, j))) for j in range(n)]
             append = trigger if kind == "code" else []
         else:
@@ -421,7 +415,7 @@ def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: s
         while waiting and len(origins) - len(finished) + pending() < max_num_seqs:
             p = waiting.pop(0)
             problem = problems[p]
-            params = replace(base, seed=_seed("estep", seed, iteration, problem.source, problem.id))
+            params = replace(base, seed=stable_seed("estep", seed, iteration, problem.source, problem.id))
             root = loop.add(prompts[p][0], problem.answer, params)
             origins[root] = _Origin(problem=p, kind="free", prefix=0)
             roots[root] = p

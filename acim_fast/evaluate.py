@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -55,7 +54,7 @@ from acim_fast.data import Problem, load_problems
 from acim_fast.options import check_int, option
 from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import SamplingParams
+from acim_fast.sampler import SamplingParams, stable_seed
 from acim_fast.vllm_engine import VLLMBackend
 from acim_fast.sandbox import Sandbox, SandboxOptions
 
@@ -252,12 +251,6 @@ class Report:
 
 # -- the evaluation --
 
-def _sample_seed(seed: int, problem: Problem, mode: str, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{problem.source}\x00{problem.id}\x00{mode}\x00{index}".encode(),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
              options: EvalOptions | None = None, sandbox: Sandbox | None = None,
              meta: Mapping[str, Any] | None = None, **fields: Any) -> Report:
@@ -327,10 +320,11 @@ def _rollouts(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: S
     for p, (plain, triggered) in zip(problems, prompts):
         loop.add(plain, p.answer, greedy)
         for i in range(opts.k):
-            loop.add(triggered, p.answer, dataclasses.replace(base, seed=_sample_seed(opts.seed, p, "code", i)))
+            code_seed = stable_seed(opts.seed, p.source, p.id, "code", i)
+            loop.add(triggered, p.answer, dataclasses.replace(base, seed=code_seed))
         for i in range(opts.k):
-            loop.add(plain, p.answer, dataclasses.replace(base, seed=_sample_seed(opts.seed, p, "prose", i),
-                                                          banned_token_ids=fence))
+            prose_seed = stable_seed(opts.seed, p.source, p.id, "prose", i)
+            loop.add(plain, p.answer, dataclasses.replace(base, seed=prose_seed, banned_token_ids=fence))
     with tqdm.tqdm(total=total, desc="eval rollouts", disable=not sys.stderr.isatty()) as bar:
         while loop.has_unfinished():
             bar.update(len(loop.step()))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -59,6 +58,7 @@ from acim_fast.model import CausalLM
 from acim_fast.mstep import MStep
 from acim_fast.policy import Policy, load_policy
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
+from acim_fast.sampler import stable_seed
 from acim_fast.sandbox import Sandbox, SandboxOptions
 from acim_fast.sft import SFTConfig, warm_up
 from acim_fast.task import generate
@@ -168,7 +168,8 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                 record.update(result.metrics)
                 if backend is not None:
                     backend.sleep()  # its GPU memory is the M-step's until the weights come back
-                record.update(mstep.train(result.buffer, config.effective_loss(), seed=_seed(config.seed, it)))
+                mstep_seed = stable_seed(config.seed, it, sep="/")
+                record.update(mstep.train(result.buffer, config.effective_loss(), seed=mstep_seed))
                 if dist is not None:  # weight sync: the full weights, one tensor at a time, into every sampler
                     copy_full_weights(trained, policy.model)
                 if backend is not None:  # weight sync: vLLM's copy, in place
@@ -308,10 +309,6 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(clean) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 if __name__ == "__main__":

