@@ -470,7 +470,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"{config_file} not found")
         hf = json.loads(config_file.read_text())
         cfg = ModelConfig.from_hf_dict(hf)
-        dtype = _resolve_dtype(dtype if dtype is not None else hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        dtype = _resolve_dtype(dtype if dtype is not None else declared_dtype(hf))
         # Build without allocating, then allocate once on the target device: every tensor is overwritten below.
         with torch.device("meta"):
             model = cls(cfg, dtype=dtype)
@@ -550,6 +550,11 @@ class CausalLM(nn.Module):
         for stale in list(path.glob("model*.safetensors")) + list(path.glob(INDEX_FILE)):
             if stale.name not in keep:
                 stale.unlink()
+
+
+def declared_dtype(hf: dict[str, Any]) -> str:
+    """The dtype a Hugging Face config dict declares (transformers 5's `dtype`, 4.x's `torch_dtype`), else float32."""
+    return hf.get("dtype") or hf.get("torch_dtype") or "float32"
 
 
 def _fill(param: torch.Tensor, tensor: torch.Tensor) -> None:

