@@ -25,10 +25,12 @@ What it does:
   reports (see "What it does not do" for the one caveat).
 - CLI: `python -m acim_fast.evaluate --model DIR --data FILE [--k 4] [--limit N] [--out report.json]
   [--rollout-backend vllm] ...` (every `EvalOptions` field is a flag) prints the table, and the elapsed time on
-  stderr. With `--rollout-backend vllm` the rollouts run through vLLM (`vllm_engine`).
+  stderr. With `--rollout-backend vllm` the rollouts run through vLLM (`vllm_engine`). Under `torchrun` every
+  process evaluates every world-th problem with its own copy of the model (and its own vLLM engine), and rank 0
+  prints and writes the whole report.
 
 What it does not do: Pass@k or majority voting, estimate the model's own decision distribution from samples (its
-choice is the greedy one), shard problems over processes, or checkpoint partial results (the report is written
+choice is the greedy one), or checkpoint partial results (the report is written
 once at the end). Equal reports across runs also need each sequence's float results not to depend on its batch:
 code cells finish after varying wall-clock times, which changes which sequences share a step. On the CPU the tests
 find them batch-independent (the same rows whatever the problem order); other kernels may differ in the last bit,
@@ -38,6 +40,7 @@ which can flip a near-tie.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,6 +54,7 @@ import tqdm
 
 from acim_fast.atomic import atomic_write
 from acim_fast.data import Problem, load_problems
+from acim_fast.dist import Dist, from_env
 from acim_fast.options import check_int, option
 from acim_fast.policy import Policy, load_policy
 from acim_fast.rollout import RolloutLoop, RolloutRecord
@@ -253,12 +257,14 @@ class Report:
 
 def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
              options: EvalOptions | None = None, sandbox: Sandbox | None = None,
-             meta: Mapping[str, Any] | None = None, **fields: Any) -> Report:
+             meta: Mapping[str, Any] | None = None, dist: Dist | None = None, **fields: Any) -> Report:
     """Evaluate `model` (a checkpoint directory, or a `Policy`) on `problems`; see the module docstring.
 
     Options come from `options` (default `EvalOptions()`) with `fields` overriding it, e.g. `k=2`. A `sandbox`
     given is used and left open; otherwise one is started with `sandbox_timeout_s` and closed. `meta` goes into the
-    report as is (the CLI records the model and data paths there).
+    report as is (the CLI records the model and data paths there). With a `dist` (torchrun), each rank evaluates
+    every world-th problem and every rank gets the whole report: a problem's samples are seeded by the problem alone,
+    so its row is the one a single process would write.
     """
     base = EvalOptions() if options is None else options
     if not isinstance(base, EvalOptions):
@@ -281,6 +287,15 @@ def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
     else:
         lm = load_policy(model)
         meta.setdefault("model", str(model))
+    share = problems if dist is None else problems[dist.rank::dist.world]
+    rows = _rows(lm, share, opts, sandbox) if share else []
+    if dist is not None:
+        rows = dist.gather_shares(rows)
+    return Report.build(rows, opts, meta)
+
+
+def _rows(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox | None) -> list[ProblemResult]:
+    """The report rows of `problems`, through `sandbox` or (None) one of its own, closed after."""
     own = sandbox is None
     if own:
         sandbox = Sandbox(SandboxOptions(timeout_s=opts.sandbox_timeout_s))
@@ -290,8 +305,7 @@ def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
         if own:
             sandbox.close()
     per = 1 + 2 * opts.k
-    rows = [_row(p, records[i * per:(i + 1) * per], opts, lm.decode) for i, p in enumerate(problems)]
-    return Report.build(rows, opts, meta)
+    return [_row(p, records[i * per:(i + 1) * per], opts, lm.decode) for i, p in enumerate(problems)]
 
 
 def _rollouts(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
@@ -372,15 +386,22 @@ def main(argv: Sequence[str] | None = None) -> Report:
     options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)})
     problems = load_problems(args.data)[:args.limit]
     start = time.monotonic()
-    policy = load_policy(args.model, dtype=args.dtype, device=args.device)
-    if args.backend == "vllm":
-        policy = dataclasses.replace(policy, backend=VLLMBackend(args.model, dtype=args.dtype))
-    report = evaluate(policy, problems, options=options,
-                      meta={"model": args.model, "data": args.data, "limit": args.limit, "backend": args.backend})
-    print(report.table())
-    if args.out is not None:
-        print(f"report: {report.write(args.out)}")
-    print(f"evaluated {len(problems)} problems in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    dist = from_env()  # under torchrun: every rank evaluates its share with its own copy of the model
+    policy = load_policy(args.model, dtype=args.dtype, device=args.device if dist is None else str(dist.device))
+    with contextlib.ExitStack() as stack:  # a vLLM engine shuts down before the process group is left
+        if args.backend == "vllm":
+            backend = stack.enter_context(contextlib.closing(VLLMBackend(
+                args.model, dtype=args.dtype, per_rank=dist is not None and dist.world > 1)))
+            policy = dataclasses.replace(policy, backend=backend)
+        report = evaluate(policy, problems, options=options, dist=dist,
+                          meta={"model": args.model, "data": args.data, "limit": args.limit, "backend": args.backend})
+    if dist is None or dist.is_main:
+        print(report.table())
+        if args.out is not None:
+            print(f"report: {report.write(args.out)}")
+        print(f"evaluated {len(problems)} problems in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    if dist is not None:
+        dist.close()
     return report
 
 

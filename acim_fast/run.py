@@ -56,7 +56,7 @@ from acim_fast.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.model import CausalLM
 from acim_fast.mstep import MStep
-from acim_fast.policy import Policy, load_policy
+from acim_fast.policy import load_policy
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
 from acim_fast.sampler import stable_seed
 from acim_fast.sandbox import Sandbox, SandboxOptions
@@ -174,8 +174,8 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
                     copy_full_weights(trained, policy.model)
                 if backend is not None:  # weight sync: vLLM's copy, in place
                     backend.load_weights(policy.model)
-            report = evaluate_held_out(policy, held_out, config, eval_box, {"iteration": it, "run": str(run_dir)},
-                                       dist)
+            report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box, dist=dist,
+                              meta={"iteration": it, "run": str(run_dir)})
             if main:
                 record.update(eval_metrics(report))
                 record["time_s"] = elapsed + time.monotonic() - began
@@ -268,19 +268,6 @@ def planned_steps(config: Config) -> int:
     per_iteration = config.mstep.epochs * math.ceil(config.problems_per_iter * per_problem
                                                     / config.mstep.samples_per_step)
     return max(1, config.iterations * per_iteration)
-
-
-def evaluate_held_out(policy: Policy, held_out: list[Problem], config: Config, sandbox: Sandbox,
-                      meta: dict[str, Any], dist: Dist | None) -> Report | None:
-    """The held-out evaluation. With several ranks each evaluates every world-th problem (a problem's samples are
-    seeded by the problem alone, so the rows are those of one process evaluating them all) and rank 0 gets the whole
-    report; the others get None."""
-    if dist is None:
-        return evaluate(policy, held_out, options=config.eval, sandbox=sandbox, meta=meta)
-    share = held_out[dist.rank::dist.world]
-    rows = evaluate(policy, share, options=config.eval, sandbox=sandbox, meta=meta).rows if share else []
-    rows = dist.gather_shares(rows)
-    return Report.build(rows, config.eval, meta) if dist.is_main else None
 
 
 def eval_metrics(report: Report) -> dict[str, Any]:

@@ -201,6 +201,26 @@ def test_cli_writes_the_json_report_and_prints_the_table(model_dir, data_file, t
     assert printed.startswith(report.table()) and f"report: {out}" in printed
 
 
+def test_cli_under_torchrun_shards_the_problems_and_writes_the_one_process_report(model_dir, data_file, tmp_path):
+    """2 CPU processes: each evaluates every other problem (sampled at temperature 1, seeded per problem), rank 0
+    writes the merged report, which equals the one-process report row for row."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--model", str(model_dir), "--data", str(data_file), "--k", "2", "--temperature", "1", "--seed", "3",
+            "--max-new-tokens", "100", "--max-tool-tokens", "64", "--sandbox-timeout-s", "5"]
+    one = main(args + ["--out", str(tmp_path / "one.json")])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "acim_fast.evaluate", *args, "--out", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two == json.loads(one.to_json())
+    assert [p["id"] for p in two["problems"]] == ["a", "b", "c", "d"]
+    assert done.stdout.count("report: ") == 1  # rank 0 alone prints and writes
+
+
 def test_reports_are_deterministic_and_independent_of_problem_order(model_dir, data_file, sandbox):
     problems = load_problems(data_file)
     lm = load_policy(model_dir)
