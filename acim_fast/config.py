@@ -65,7 +65,7 @@ class Config:
                                       "those of the newest N checkpoints; older ones keep their model and eval "
                                       "report, and --resume needs only the newest; 0 = keep all", group="run")
     rollout_backend: str = option("ours", "engine of the E-step and evaluation rollouts: ours (the paged sampler "
-                                  "that forks with copy-on-write) | vllm (vLLM's offline engine, one process; "
+                                  "that forks with copy-on-write) | vllm (vLLM's offline engine, one per process; "
                                   "see --vllm.*)", group="run")
     # -- the phases (see each class for its fields) --
     estep: EStepConfig = field(default_factory=EStepConfig, metadata={"group": "estep"})

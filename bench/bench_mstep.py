@@ -13,7 +13,6 @@ set above them, in a fresh process (`bench/peak_memory.py`). A summary table wit
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 from acim_fast.model import CausalLM, ModelConfig
 from acim_kernels import LossConfig, policy_loss
 
-from peak_memory import peak_bytes, step_peak_bytes
+from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # name: (hidden, layers, heads, kv heads, intermediate, vocab, sequences x tokens, dtype)
@@ -67,12 +66,10 @@ def summary(report):
     yield
     lines = [f"{'shape':<24}{'checkpointing':<15}{'ms':>10}{'x off':>8}{'peak MiB':>10}{'x off':>8}"]
     for (name, checkpointed), r in RESULTS.items():
-        base = RESULTS.get((name, False), {})
-        time_ratio = r["ms"] / base["ms"] if base else float("nan")
-        mem_ratio = r["peak_mib"] / base["peak_mib"] if base.get("peak_mib") else float("nan")
+        time_ratio, mem_ratio = ratios(r, RESULTS.get((name, False), {}))
         lines.append(f"{name:<24}{'on' if checkpointed else 'off':<15}{r['ms']:>10.1f}{time_ratio:>8.2f}"
                      f"{r['peak_mib']:>10.0f}{mem_ratio:>8.3f}")
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    device = device_name()
     report += [f"M-step micro-batch fwd+bwd on {device}, torch {torch.__version__} (median of the rounds)", *lines, ""]
 
 

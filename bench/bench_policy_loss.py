@@ -24,7 +24,7 @@ import torch
 from acim_kernels import LossConfig, policy_loss
 from acim_kernels.pg_loss_ref import policy_loss_ref
 
-from peak_memory import peak_bytes, step_peak_bytes
+from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # (N, H, V, dtype): the CPU shapes, and Qwen2.5-7B's head on GPU.
@@ -94,12 +94,10 @@ def summary(report):
     yield
     lines = [f"{'N x H x V dtype':<28}{'impl':<10}{'ms':>10}{'x eager':>9}{'peak MiB':>10}{'x eager':>9}{'TFLOP/s':>9}"]
     for (n, h, v, dtype, impl), r in RESULTS.items():
-        base = RESULTS.get((n, h, v, dtype, "eager"), {})
-        time_ratio = r["ms"] / base["ms"] if base else float("nan")
-        mem_ratio = r["peak_mib"] / base["peak_mib"] if base.get("peak_mib") else float("nan")
+        time_ratio, mem_ratio = ratios(r, RESULTS.get((n, h, v, dtype, "eager"), {}))
         lines.append(f"{f'{n}x{h}x{v} {dtype}':<28}{impl:<10}{r['ms']:>10.1f}{time_ratio:>9.2f}"
                      f"{r['peak_mib']:>10.0f}{mem_ratio:>9.3f}{r['tflops']:>9.2f}")
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    device = device_name()
     report += [f"policy loss fwd+bwd on {device}, torch {torch.__version__} (median of the rounds)", *lines, ""]
     if os.environ.get("BENCH_JSON"):
         rows = [dict(zip(("n", "h", "v", "dtype", "impl"), key), **value) for key, value in RESULTS.items()]
