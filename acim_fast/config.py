@@ -13,21 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from acim_fast.estep import EStepConfig
+from acim_fast.train.estep import Algo, EStepConfig
 from acim_fast.evaluate import EvalOptions
-from acim_fast.mstep import MStepConfig
-from acim_fast.options import check_int, option
-from acim_fast.vllm_engine import VLLMOptions
+from acim_fast.train.mstep import MStepConfig
+from acim_fast.common.fields import add_field_flags, check_int, option
+from acim_fast.engine.vllm_backend import VLLMOptions
 from acim_kernels import LossConfig
 
 
-ALGOS = ("em", "grpo")
 BACKENDS = ("ours", "vllm")
 PRESETS = ("default", "smoke")
 
@@ -52,7 +50,7 @@ class Config:
     out_dir: str = option("runs/default", "run directory: config.json, metrics.jsonl, report.png, checkpoints/",
                           group="run")
     seed: int = option(0, "seed of every random choice of the run (warm-up data, rollouts, shuffles)", group="run")
-    algo: str = option("em", "em: AutoCode's EM (E-step exploration + off-policy M-step); grpo: the on-policy "
+    algo: Algo = option(Algo.EM, "em: AutoCode's EM (E-step exploration + off-policy M-step); grpo: the on-policy "
                        "baseline at the same rollout budget (unguided samples, ppo objective, no decision loss)",
                        group="run")
     iterations: int = option(6, "EM iterations (E-step, M-step, evaluation, checkpoint)", group="run")
@@ -83,8 +81,7 @@ class Config:
             check_int(self, name, minimum)
         if not self.out_dir:
             raise ValueError("Config.out_dir must not be empty")
-        if self.algo not in ALGOS:
-            raise ValueError(f"Config.algo must be one of {ALGOS}, got {self.algo!r}")
+        self.algo = Algo.parse(self.algo, "Config.algo")
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"Config.rollout_backend must be one of {BACKENDS}, got {self.rollout_backend!r}")
         if self.dtype not in (None, "float32", "bfloat16"):  # float16 would need loss scaling
@@ -156,42 +153,6 @@ def smoke_preset() -> Config:
 PRESET_FUNCTIONS = {"default": default_preset, "smoke": smoke_preset}
 
 
-def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
-    """(dotted name, field, resolved type) of every non-dataclass field, depth first."""
-    hints = typing.get_type_hints(cls)
-    leaves = []
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            leaves += _leaf_fields(kind, f"{prefix}{f.name}.")
-        else:
-            leaves.append((prefix + f.name, f, kind))
-    return leaves
-
-
-def _parser_for(kind: Any):
-    """A string -> value converter for a field's annotated type."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    optional = type(None) in options
-    base = next(t for t in options if t is not type(None))
-
-    def convert(text: str):
-        if optional and text.lower() in ("none", "null"):
-            return None
-        if base is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        try:
-            return base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
-
-    return convert
-
-
 def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentParser:
     """The command line: `--preset`, `--resume` and one flag per leaf field (`--estep.k_code 4`, also spelt
     `--estep.k-code 4`). Field flags have no argparse default (what was not given is absent from the namespace);
@@ -203,19 +164,8 @@ def build_parser(prog: str = "python -m acim_fast.run") -> argparse.ArgumentPars
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue RUN_DIR from its last checkpoint with its saved config and data order "
                              "(no other flag may be given)")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    defaults = default_preset()
-    for name, f, kind in _leaf_fields(Config):
-        group_name = name.split(".")[0] if "." in name else f.metadata["group"]
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        default: Any = defaults
-        for part in name.split("."):
-            default = getattr(default, part)
-        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # one, or both
-        group.add_argument(*spellings, dest=name, type=_parser_for(kind), default=argparse.SUPPRESS,
-                           metavar=getattr(typing.get_args(kind)[0] if typing.get_args(kind) else kind,
-                                           "__name__", "VALUE").upper(),
-                           help=f"{f.metadata.get('help', '')} (default: {default})")
+    add_field_flags(parser, Config, default_preset(),
+                    group_of=lambda name, f: name.split(".")[0] if "." in name else f.metadata["group"])
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Math problems: the `Problem` record, loading them, and deterministic split, shuffle and shard.
+"""Math problems: the `Problem` record, loading them, and deterministic split and shuffle.
 
 What it does:
 - `load_problems(spec)` reads a jsonl file (one JSON object per line), or, for a spec `hf:<name>[:<config>][:<split>]`,
@@ -28,18 +28,16 @@ What it does:
 - `shuffle(problems, seed, epoch)` orders problems by a hash of (seed, epoch, source, id): deterministic across
   processes and Python versions, different each epoch, and independent of the input order (ties, i.e. repeated
   (source, id) pairs, keep their input order).
-- `shard(problems, rank, world_size)` takes every world_size-th problem from `rank` on: shards are disjoint, cover
-  the input and differ in size by at most one. Every rank shuffles the same list with the same seed and epoch and
-  then takes its shard, which needs no communication.
+  Every torchrun rank shuffles the same list with the same seed and epoch, then takes its share
+  (`train.dist.Dist.share`), which needs no communication.
 
 What it does not do: prompts (prompts.py), answer checking (verify.py), tokenisation or batching, JSON arrays,
 .json/parquet/csv files, streaming, network access of its own (the hub path is the `datasets` package's), or
-padding shards to equal sizes (a distributed caller that needs equal step counts drops or repeats itself).
+sharding over ranks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -47,6 +45,8 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from acim_fast.common.hashing import stable_hash
 
 HF_PREFIX = "hf:"
 _FIELDS = ("id", "problem", "answer", "level", "source")
@@ -243,19 +243,13 @@ def _kind(value: Any) -> str:
 
 # -- ordering --
 
-def _hash(*parts: object) -> int:
-    """A 64-bit hash that is the same in every process (unlike `hash`, which is salted per process)."""
-    text = "\x00".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-
-
 def split(problems: Sequence[Problem], eval_fraction: float, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """(train, eval), each in input order; see the module docstring for how a problem's side is chosen."""
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction <= 1:
         raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    keys = [_hash("split", seed, p.problem) for p in problems]
+    keys = [stable_hash("split", seed, p.problem) for p in problems]
     order = sorted(range(len(problems)), key=lambda i: keys[i])
     cut = math.floor(eval_fraction * len(problems) + 0.5)  # round half up; round() would go to even
     # Duplicated problem texts share a key: move the cut past them so none is on both sides.
@@ -272,13 +266,4 @@ def shuffle(problems: Iterable[Problem], seed: int, epoch: int = 0) -> list[Prob
     for name, value in (("seed", seed), ("epoch", epoch)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an int, got {value!r}")
-    return sorted(problems, key=lambda p: _hash("shuffle", seed, epoch, p.source, p.id))
-
-
-def shard(problems: Sequence[Problem], rank: int, world_size: int) -> list[Problem]:
-    """Rank `rank`'s share: problems[rank::world_size] (disjoint, covering, sizes within one of each other)."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    return list(problems[rank::world_size])
+    return sorted(problems, key=lambda p: stable_hash("shuffle", seed, epoch, p.source, p.id))

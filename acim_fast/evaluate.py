@@ -52,15 +52,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import tqdm
 
-from acim_fast.atomic import atomic_write
+from acim_fast.common.atomic import atomic_write
 from acim_fast.data import Problem, load_problems
-from acim_fast.dist import Dist, from_env
-from acim_fast.options import check_int, option
-from acim_fast.policy import Policy, load_policy
-from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import SamplingParams, stable_seed
-from acim_fast.vllm_engine import VLLMBackend
-from acim_fast.sandbox import Sandbox, SandboxOptions
+from acim_fast.train.dist import Dist, from_env
+from acim_fast.common.fields import add_field_flags, check_int, option
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
+from acim_fast.execution.rollout import RolloutLoop, RolloutRecord
+from acim_fast.common.hashing import stable_seed
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.engine.vllm_backend import VLLMBackend
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 
 DECISIONS = ("code", "prose")
 _BLOCK_SIZE = 16
@@ -255,10 +256,10 @@ class Report:
 
 # -- the evaluation --
 
-def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
+def evaluate(model: str | os.PathLike | RolloutModel, problems: Iterable[Problem], *,
              options: EvalOptions | None = None, sandbox: Sandbox | None = None,
              meta: Mapping[str, Any] | None = None, dist: Dist | None = None, **fields: Any) -> Report:
-    """Evaluate `model` (a checkpoint directory, or a `Policy`) on `problems`; see the module docstring.
+    """Evaluate `model` (a checkpoint directory, or a `RolloutModel`) on `problems`; see the module docstring.
 
     Options come from `options` (default `EvalOptions()`) with `fields` overriding it, e.g. `k=2`. A `sandbox`
     given is used and left open; otherwise one is started with `sandbox_timeout_s` and closed. `meta` goes into the
@@ -282,10 +283,10 @@ def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
             raise ValueError(f"problems[{i}] must be a Problem (see acim_fast.data.load_problems), got "
                              f"{type(p).__name__}")
     meta = dict(meta or {})
-    if isinstance(model, Policy):
+    if isinstance(model, RolloutModel):
         lm = model
     else:
-        lm = load_policy(model)
+        lm = load_rollout_model(model)
         meta.setdefault("model", str(model))
     share = problems if dist is None else problems[dist.rank::dist.world]
     rows = _rows(lm, share, opts, sandbox) if share else []
@@ -294,7 +295,7 @@ def evaluate(model: str | os.PathLike | Policy, problems: Iterable[Problem], *,
     return Report.build(rows, opts, meta)
 
 
-def _rows(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox | None) -> list[ProblemResult]:
+def _rows(lm: RolloutModel, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox | None) -> list[ProblemResult]:
     """The report rows of `problems`, through `sandbox` or (None) one of its own, closed after."""
     own = sandbox is None
     if own:
@@ -308,7 +309,7 @@ def _rows(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandb
     return [_row(p, records[i * per:(i + 1) * per], opts, lm.decode) for i, p in enumerate(problems)]
 
 
-def _rollouts(lm: Policy, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
+def _rollouts(lm: RolloutModel, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
     """Per problem, in this order: the greedy autonomous rollout, k forced-code ones, k forced-prose ones."""
     fence = lm.fence_ids
     prompts = []
@@ -373,21 +374,18 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     parser.add_argument("--rollout-backend", "--rollout_backend", dest="backend", choices=("ours", "vllm"),
                         default="ours", help="rollout engine: ours (the paged sampler) | vllm (default ours)")
-    defaults = EvalOptions()
-    for f in dataclasses.fields(EvalOptions):
-        default = getattr(defaults, f.name)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(default), default=default,
-                            help=f"{f.metadata['help']} (default {default})")
+    add_field_flags(parser, EvalOptions, EvalOptions())
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.out is not None and not Path(args.out).parent.is_dir():  # found out now, not after the evaluation
         raise ValueError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
-    options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)})
+    options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)
+                             if hasattr(args, f.name)})
     problems = load_problems(args.data)[:args.limit]
     start = time.monotonic()
     dist = from_env()  # under torchrun: every rank evaluates its share with its own copy of the model
-    policy = load_policy(args.model, dtype=args.dtype, device=args.device if dist is None else str(dist.device))
+    policy = load_rollout_model(args.model, dtype=args.dtype, device=args.device if dist is None else str(dist.device))
     with contextlib.ExitStack() as stack:  # a vLLM engine shuts down before the process group is left
         if args.backend == "vllm":
             backend = stack.enter_context(contextlib.closing(VLLMBackend(

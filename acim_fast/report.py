@@ -165,7 +165,7 @@ def plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLik
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from acim_fast.atomic import atomic_write
+    from acim_fast.common.atomic import atomic_write
 
     styles = line_styles(runs)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), layout="constrained")

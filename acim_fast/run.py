@@ -3,7 +3,7 @@
 What it does (`train`):
 1. The run directory (`--out_dir`): a fresh run refuses a directory that already holds checkpoints (resume it, or
    pick another); the resolved config is printed and saved as config.json.
-2. The model: `--model DIR`, or the embedded tiny model created and warmed up (`acim_fast.sft.warm_up`,
+2. The model: `--model DIR`, or the embedded tiny model created and warmed up (`acim_fast.embedded.warmup.warm_up`,
    `--warmup_steps`) in RUN/warmup, written to a temporary directory and renamed, so a killed warm-up restarts clean.
 3. The problems: `--data` (training) and `--eval_data` (held out), or `--eval_problems` split off `--data`
    (`data.split`), or the embedded task's train and held-out splits. The held-out set does not depend on `--seed`, so
@@ -13,7 +13,7 @@ What it does (`train`):
    (`mstep.MStep.train`: an fp32 model is trained in place, and the next E-step's engine reads the same module, which
    is the weight sync of a single process; a bf16 model is sampled as it is and trained on an fp32 master copy, as
    under torchrun below, in a world of one) and the evaluation (`evaluate.evaluate`), then appends one line of metrics
-   to RUN/metrics.jsonl (and prints it) and writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.checkpoint`:
+   to RUN/metrics.jsonl (and prints it) and writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.train.checkpoint`:
    the HF-format model and tokenizer, the optimiser state, the evaluation report).
 5. At the end: RUN/report.png (`acim_fast.report`) and a summary table.
 
@@ -21,7 +21,7 @@ What it does (`train`):
 after the newest complete checkpoint (its weights and optimiser state), keeps the metrics lines up to it and goes on
 with the same data order and seeds: a run killed at any moment resumes without losing a finished iteration.
 
-Under `torchrun --nproc_per_node N -m acim_fast.run ...` (see `acim_fast.dist`) every rank runs this same function:
+Under `torchrun --nproc_per_node N -m acim_fast.run ...` (see `acim_fast.train.dist`) every rank runs this same function:
 rank 0 prepares the run directory and the starting model, every rank explores its share of each iteration's problems
 with its own sampler (a whole copy of the weights), the shares are merged into the single-process E-step result, the
 M-step trains an FSDP2-sharded copy on the merged buffer, the trained weights are gathered into every sampler, every
@@ -47,23 +47,23 @@ from typing import Any, Callable
 import torch
 import tqdm
 
-from acim_fast import checkpoint
-from acim_fast.atomic import atomic_write
+from acim_fast.train import checkpoint
+from acim_fast.common.atomic import atomic_write
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.dist import Dist, copy_full_weights, from_env, shard, world_of_one
-from acim_fast.estep import EStepResult, explore
+from acim_fast.train.dist import Dist, copy_full_weights, from_env, shard, world_of_one
+from acim_fast.train.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
-from acim_fast.model import CausalLM
-from acim_fast.mstep import MStep
-from acim_fast.policy import load_policy
+from acim_fast.engine.model import CausalLM
+from acim_fast.train.mstep import MStep
+from acim_fast.execution.rollout_model import load_rollout_model
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
-from acim_fast.sampler import stable_seed
-from acim_fast.sandbox import Sandbox, SandboxOptions
-from acim_fast.sft import SFTConfig, warm_up
-from acim_fast.task import generate
-from acim_fast.tiny import create_tiny
-from acim_fast.vllm_engine import VLLMBackend
+from acim_fast.common.hashing import stable_seed
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.embedded.warmup import SFTConfig, warm_up
+from acim_fast.embedded.task import generate
+from acim_fast.embedded.tiny import create_tiny
+from acim_fast.engine.vllm_backend import VLLMBackend
 
 EVAL_SEED = 0  # the embedded task's held-out draw: fixed, so every seed is scored on the same problems
 
@@ -114,7 +114,7 @@ def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | No
         device = str(dist.device)
     else:
         device = config.device
-    policy = load_policy(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
+    policy = load_rollout_model(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
     compute = policy.model.dtype
     if compute == torch.float16:
         raise ValueError(f"{start} is float16: training computes in the model's dtype, and float16 gradients would "

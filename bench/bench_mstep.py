@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from acim_fast.model import CausalLM, ModelConfig
+from acim_fast.engine.model import CausalLM, ModelConfig
 from acim_kernels import LossConfig, policy_loss
 
 from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes

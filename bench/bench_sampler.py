@@ -23,8 +23,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from acim_fast.model import CausalLM
-from acim_fast.sampler import Engine, SamplingParams
+from acim_fast.engine.model import CausalLM
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams
 
 VOCAB = 8192
 PROMPT_LEN, BRANCHES, NEW_TOKENS, FORK_POINTS = 512, 16, 128, (32, 64, 96)

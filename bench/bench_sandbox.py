@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from acim_fast.sandbox import Sandbox, SandboxOptions
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 
 CORES = os.cpu_count() or 1
 TRIVIAL = "x = 6 * 7\nprint(x)"

@@ -6,7 +6,7 @@ prefill (a sequence's queries are its whole prompt), decode (one query per seque
 LAST `q_len` positions, and their K/V must already be written to the cache.
 
 It also holds the argument checks shared with the Triton path (`check_inputs`).
-It does not write K/V (see `acim_fast.kv_cache.write_kv`), manage blocks, or compute gradients.
+It does not write K/V (see `acim_fast.engine.kv_cache.write_kv`), manage blocks, or compute gradients.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from acim_fast import dist as D
-from acim_fast.model import CausalLM
-from acim_fast.estep import Sample
-from acim_fast.mstep import MStep, MStepConfig
-from acim_fast.tiny import TinyConfig, build_model, build_tokenizer
+from acim_fast.engine.model import CausalLM
+from acim_fast.train.estep import Sample
+from acim_fast.train.mstep import MStep, MStepConfig
+from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_kernels import LossConfig
 
 CONFIG = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from acim_fast.atomic import atomic_write
+from acim_fast.common.atomic import atomic_write
 
 
 def test_replaces_the_target_whole(tmp_path):

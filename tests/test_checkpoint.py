@@ -1,4 +1,4 @@
-"""acim_fast.checkpoint: the trainer state loads into a template with optional entries (here the trainer's own weights,
+"""acim_fast.train.checkpoint: the trainer state loads into a template with optional entries (here the trainer's own weights,
 which a plain fp32 process does not save: a run resumed under torchrun or in bf16 takes them from the export), and
 old trainer states are pruned without touching the newest or anything but `trainer/`."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from acim_fast.checkpoint import TRAINER_DIR, latest, load_trainer_state, prune_trainer_states
+from acim_fast.train.checkpoint import TRAINER_DIR, latest, load_trainer_state, prune_trainer_states
 
 
 def _save(path, state):

@@ -1,5 +1,5 @@
 """Tests for acim_fast.data: loading (good rows, every bad-input error with its file and line, the four real
-benchmarks, the optional hub path), and the deterministic split, shuffle and shard."""
+benchmarks, the optional hub path), and the deterministic split and shuffle."""
 
 import json
 import random
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from acim_fast.data import Problem, load_problems, shard, shuffle, split
+from acim_fast.data import Problem, load_problems, shuffle, split
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -245,7 +245,7 @@ def test_split_rounds_half_up():
     assert [len(split(make(n), 0.5)[1]) for n in (1, 3, 5, 7)] == [1, 2, 3, 4]  # round() would give 0, 2, 2, 4
 
 
-# -- shuffle and shard --
+# -- shuffle --
 
 def test_shuffle_is_deterministic_per_epoch_and_order_free():
     problems = make(100)
@@ -258,21 +258,3 @@ def test_shuffle_is_deterministic_per_epoch_and_order_free():
     assert shuffle(problems, seed=1, epoch=0) != first
     with pytest.raises(ValueError, match="epoch"):
         shuffle(problems, seed=0, epoch="1")
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
-def test_shards_are_disjoint_covering_and_balanced(world_size):
-    for n in (0, 1, 5, 6, 22):
-        problems = shuffle(make(n), seed=4, epoch=2)
-        shards = [shard(problems, rank, world_size) for rank in range(world_size)]
-        ids = [p.id for s in shards for p in s]
-        assert sorted(ids) == sorted(p.id for p in problems) and len(set(ids)) == n
-        sizes = [len(s) for s in shards]
-        assert max(sizes) - min(sizes) <= 1
-        assert shards == [shard(problems, rank, world_size) for rank in range(world_size)]
-
-
-def test_shard_rejects_bad_rank():
-    for rank, world_size in ((2, 2), (-1, 2), (0, 0), (0, True), (1.0, 2)):
-        with pytest.raises(ValueError, match="rank|world_size"):
-            shard(make(4), rank, world_size)

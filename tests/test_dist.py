@@ -1,4 +1,4 @@
-"""acim_fast.dist: one M-step under torchrun with 2 CPU processes (FSDP2 on gloo) equals the single-process step,
+"""acim_fast.train.dist: one M-step under torchrun with 2 CPU processes (FSDP2 on gloo) equals the single-process step,
 and with the GPU's bf16 mixed precision tracks it; a 2-process run equals a 1-process run and resumes on another
 world size. CPU only, even on a GPU machine."""
 
@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from acim_fast.data import Problem, shuffle
+from acim_fast.train.dist import Dist
 
 STEP = Path(__file__).with_name("dist_mstep_step.py")
 CPU = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU: 2 ranks need no 2 GPUs
@@ -118,3 +122,22 @@ def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_
     expected = load_file(tmp_path / "one" / "checkpoints" / "iter_0002" / "model.safetensors")
     for k, v in expected.items():
         torch.testing.assert_close(final[k], v, rtol=1e-4, atol=1e-5)
+
+
+def _problems(n):
+    return [Problem(id=str(i), problem=f"q{i}", answer=str(i), source="t") for i in range(n)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_shares_are_disjoint_covering_and_balanced(world_size):
+    for n in (0, 1, 5, 6, 22):
+        problems = shuffle(_problems(n), seed=4, epoch=2)
+        shares = [Dist(rank, world_size, torch.device("cpu"), None).share(problems) for rank in range(world_size)]
+        ids = [p.id for s in shares for p in s]
+        assert sorted(ids) == sorted(p.id for p in problems) and len(set(ids)) == n
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+        whole = [None] * n  # what gather_shares does with the ranks' shares
+        for rank, part in enumerate(shares):
+            whole[rank::world_size] = part
+        assert whole == problems

@@ -1,4 +1,4 @@
-"""acim_fast.estep: the reference strategy, whitening, subsampling and samples by hand; exploration on the warmed-up
+"""acim_fast.train.estep: the reference strategy, whitening, subsampling and samples by hand; exploration on the warmed-up
 tiny model (forking from one prompt, forced decisions, decision-point siblings, determinism)."""
 
 import math
@@ -6,11 +6,10 @@ import random
 
 import pytest
 
-from acim_fast.estep import (EStepConfig, EStepResult, ProblemStats, Sample, _Origin, _sample, build_buffer, explore,
-                             reference_strategy, subsample, whiten)
-from acim_fast.prompts import CODE_TRIGGER
-from acim_fast.rollout import RolloutRecord
-from acim_fast.task import generate
+from acim_fast.train.estep import (EStepConfig, EStepResult, ProblemStats, Sample, _Origin, _sample, build_buffer, explore, reference_strategy, subsample, whiten)
+from acim_fast.execution.prompts import CODE_TRIGGER
+from acim_fast.execution.rollout import RolloutRecord
+from acim_fast.embedded.task import generate
 
 # -- the reference strategy --
 
@@ -216,7 +215,7 @@ def test_lr_zero_off_policy_step_sees_ratio_one(policy, sandbox):
     """Behaviour log-probs from the paged sampler equal the training forward's: at lr 0 every ratio is 1."""
     import copy
 
-    from acim_fast.mstep import MStep, MStepConfig
+    from acim_fast.train.mstep import MStep, MStepConfig
     from acim_kernels import LossConfig
 
     cfg = EStepConfig(k_code=2, k_prose=2, k_free=2, keep_trigger=True)  # every sample keeps its sampled context

@@ -1,6 +1,6 @@
 """acim_fast.evaluate: the oracle and the aggregates by hand, and end to end on a tiny model trained to known habits.
 
-The end-to-end model is the tiny char-level Llama of acim_fast.tiny, trained here for a few seconds to memorise:
+The end-to-end model is the tiny char-level Llama of acim_fast.embedded.tiny, trained here for a few seconds to memorise:
 - "7*8": a python cell (any mode), so only forced code succeeds -> oracle code; it chooses code.
 - "2+3": prose on its own, a cell after the code trigger -> both succeed -> oracle prose; it chooses prose.
 - "9-4": a cell 3 times out of 4, prose once -> greedy codes, and with the fence banned it writes the prose ->
@@ -20,10 +20,10 @@ import torch
 from acim_fast.data import load_problems
 from acim_fast.evaluate import (EvalOptions, ProblemResult, Report, evaluate, main, oracle_decision,
                                 selection_accuracy, summarize)
-from acim_fast.model import CausalLM
-from acim_fast.policy import Policy, load_policy
-from acim_fast.prompts import CODE_TRIGGER, build_prompt
-from acim_fast.tiny import EOS, TinyConfig, build_tokenizer, codec, create_tiny, save_tokenizer
+from acim_fast.engine.model import CausalLM
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
+from acim_fast.execution.prompts import CODE_TRIGGER, build_prompt
+from acim_fast.embedded.tiny import EOS, TinyConfig, build_tokenizer, codec, create_tiny, save_tokenizer
 
 ROWS = [
     {"id": "a", "problem": "7*8", "answer": 56, "level": 1, "source": "set1"},
@@ -223,7 +223,7 @@ def test_cli_under_torchrun_shards_the_problems_and_writes_the_one_process_repor
 
 def test_reports_are_deterministic_and_independent_of_problem_order(model_dir, data_file, sandbox):
     problems = load_problems(data_file)
-    lm = load_policy(model_dir)
+    lm = load_rollout_model(model_dir)
     options = EvalOptions(temperature=1.0, seed=3, **FAST)
     first = evaluate(lm, problems, options=options, sandbox=sandbox)
     second = evaluate(lm, problems, options=options, sandbox=sandbox)
@@ -231,7 +231,7 @@ def test_reports_are_deterministic_and_independent_of_problem_order(model_dir, d
     # Samples are seeded per problem, not per position: reversed input, the same rows.
     backwards = evaluate(lm, problems[::-1], options=options, sandbox=sandbox)
     assert [r.to_dict() for r in backwards.rows[::-1]] == [r.to_dict() for r in first.rows]
-    assert first.meta == {}  # an Policy has no path to record
+    assert first.meta == {}  # an RolloutModel has no path to record
 
 
 def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
@@ -242,12 +242,12 @@ def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
     weights_only = tmp_path / "weights_only"
     CausalLM.from_pretrained(model_dir).save_pretrained(weights_only)
     with pytest.raises(ValueError, match=re.escape(f"{weights_only}: cannot load its tokenizer")):
-        load_policy(weights_only)
+        load_rollout_model(weights_only)
     for bad in (dict(k=0), dict(threshold=1.0), dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=0),
                 dict(seed=-1), dict(max_code_calls=-1), dict(sandbox_timeout_s=0.0), dict(k=True)):
         with pytest.raises(ValueError, match="EvalOptions." + next(iter(bad))):
             EvalOptions(**bad)
-    lm = load_policy(model_dir)
+    lm = load_rollout_model(model_dir)
     with pytest.raises(ValueError, match="unknown evaluate option"):
         evaluate(lm, problems, sandbox=sandbox, kk=2)
     with pytest.raises(ValueError, match="at least one problem"):
@@ -265,4 +265,4 @@ def test_bad_input_raises_value_error(model_dir, data_file, tmp_path, sandbox):
         main(["--model", str(model_dir), "--data", str(data_file), "--limit", "0"])
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "absent.jsonl"))):
         main(["--model", str(model_dir), "--data", str(tmp_path / "absent.jsonl")])
-    assert isinstance(lm, Policy) and lm.stop_token_ids == (build_tokenizer().token_to_id(EOS),)
+    assert isinstance(lm, RolloutModel) and lm.stop_token_ids == (build_tokenizer().token_to_id(EOS),)

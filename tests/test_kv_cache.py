@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from acim_fast.kv_cache import BlockManager, KVPool, OutOfBlocks, write_kv
+from acim_fast.engine.kv_cache import BlockManager, KVPool, OutOfBlocks, write_kv
 from acim_kernels.paged_attention_ref import paged_attention_ref
 
 

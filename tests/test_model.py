@@ -1,4 +1,4 @@
-"""acim_fast.model against Hugging Face transformers on tiny random Llama / Qwen2 checkpoints (fp32, CPU)."""
+"""acim_fast.engine.model against Hugging Face transformers on tiny random Llama / Qwen2 checkpoints (fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from acim_fast.kv_cache import KVPool
-from acim_fast.model import (CausalLM, ModelConfig, PagedInputs, decode_attention_shared_prefix,
-                             plan_shared_prefix)
+from acim_fast.engine.kv_cache import KVPool
+from acim_fast.engine.model import (CausalLM, ModelConfig, PagedInputs, decode_attention_shared_prefix, plan_shared_prefix)
 from acim_kernels.paged_attention_ref import paged_attention_ref
 
 VOCAB = 97

@@ -1,4 +1,4 @@
-"""acim_fast.mstep: the M-step loss against a hand computation on dense logits, micro-batch invariance, the NaN
+"""acim_fast.train.mstep: the M-step loss against a hand computation on dense logits, micro-batch invariance, the NaN
 guard, tool tokens kept out of the loss, recomputed log-probs, and the optimiser state round trip."""
 
 import copy
@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from acim_fast.estep import Sample
-from acim_fast.mstep import MStep, MStepConfig, behaviour_gap, recompute_logprobs
-from acim_fast.tiny import TinyConfig, build_model, build_tokenizer
+from acim_fast.train.estep import Sample
+from acim_fast.train.mstep import MStep, MStepConfig, behaviour_gap, recompute_logprobs
+from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_kernels import LossConfig
 
 SMALL = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,

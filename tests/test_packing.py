@@ -1,4 +1,4 @@
-"""acim_fast.packing and acim_fast.optim: packs shift tokens and values to target rows within the budget; the lr
+"""acim_fast.train.packing and acim_fast.train.optim: packs shift tokens and values to target rows within the budget; the lr
 schedule warms up then decays to its floor."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from acim_fast.optim import adamw, lr_factor
-from acim_fast.packing import Row, pack, plan
+from acim_fast.train.optim import adamw, lr_factor
+from acim_fast.train.packing import Row, pack, plan
 
 
 def _rows(lengths):

@@ -1,4 +1,4 @@
-"""acim_fast.rollout: cells stop generation, run in the sandbox, and come back as appended tokens the model reads.
+"""acim_fast.execution.rollout: cells stop generation, run in the sandbox, and come back as appended tokens the model reads.
 
 The model is a real `Engine` over `ScriptedLM`, a CausalLM whose K cache stores token ids, so each query reads its
 whole sequence back through the block table and puts all its mass on the next character of a scripted response.
@@ -14,11 +14,12 @@ import re
 import pytest
 import torch
 
-from acim_fast.model import CausalLM, ModelConfig
-from acim_fast.prompts import CellFormat
-from acim_fast.rollout import Cell, RolloutLoop, run_rollouts
-from acim_fast.sampler import Engine, SamplingParams
-from acim_fast.sandbox import Sandbox, SandboxOptions
+from acim_fast.engine.model import CausalLM, ModelConfig
+from acim_fast.execution.prompts import CellFormat
+from acim_fast.execution.rollout import Cell, RolloutLoop, run_rollouts
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 
 EOS = 256
 MERGED = 257  # one token for "```output\n", as BPE vocabularies have: lets a model write an output fence at once

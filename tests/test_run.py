@@ -95,8 +95,8 @@ def test_data_files_and_their_errors(tmp_path):
 
 
 def test_a_float16_checkpoint_is_refused_with_the_fix(tmp_path):
-    from acim_fast.model import CausalLM
-    from acim_fast.tiny import create_tiny
+    from acim_fast.engine.model import CausalLM
+    from acim_fast.embedded.tiny import create_tiny
 
     path = create_tiny(tmp_path / "tiny")
     CausalLM.from_pretrained(path).to(torch.float16).save_pretrained(path)
@@ -113,7 +113,7 @@ def test_a_jsonl_dataset_trains_with_the_same_code(warm_model, tmp_path):
                                 for i, p in enumerate(problems)))
         return str(path)
 
-    from acim_fast.task import generate
+    from acim_fast.embedded.task import generate
     config = dataclasses.replace(_smoke(tmp_path / "run", warm_model, iterations=1),
                                  data=write("train.jsonl", generate(16, seed=3, split="train", families=("mul",))),
                                  eval_data=write("eval.jsonl", generate(4, seed=3, split="eval", families=("mul",))))

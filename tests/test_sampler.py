@@ -1,4 +1,4 @@
-"""acim_fast.sampler: greedy equality with transformers, fork/copy-on-write, sampling, bans, pause/append,
+"""acim_fast.engine.sampling: greedy equality with transformers, fork/copy-on-write, sampling, bans, pause/append,
 preemption."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from acim_fast.model import CausalLM
-from acim_fast.sampler import Engine, SamplingParams, filtered_logprobs
+from acim_fast.engine.model import CausalLM
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams, filtered_logprobs
 
 VOCAB = 101
 # A toy detokenizer: token i is a run of 1-3 copies of one letter, so tokens have different lengths.
@@ -137,7 +138,7 @@ def test_forks_of_a_long_prompt_read_it_once_with_the_same_results(model, monkey
                                                                    shared_path):
     """Decode steps of forks take the shared-prefix attention only when it removes at least half of the K/V reads
     (a long prompt), and either way every child samples what a fresh sequence would."""
-    import acim_fast.model as model_module
+    import acim_fast.engine.model as model_module
 
     calls = []
     real = model_module.decode_attention_shared_prefix

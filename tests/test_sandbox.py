@@ -1,4 +1,4 @@
-"""Tests for acim_fast.sandbox: every hostile cell is contained and leaves nothing behind, the pool and the
+"""Tests for acim_fast.execution.sandbox: every hostile cell is contained and leaves nothing behind, the pool and the
 test process survive it, replay gives a cell its trajectory's earlier definitions, the API validates input.
 
 Most tests run twice, with namespaces (the default here: root, `unshare` allowed) and with the forced
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from acim_fast.sandbox import Isolation, Result, Sandbox, SandboxOptions, next_history
+from acim_fast.execution.sandbox import Isolation, Result, Sandbox, SandboxOptions, next_history
 
 TIMEOUT_S = 2.0
 OPTIONS = dict(

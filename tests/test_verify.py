@@ -1,4 +1,4 @@
-"""Tests of acim_fast.verify: answer extraction, the human-graded equivalence table, real data
+"""Tests of acim_fast.reward.verifier: answer extraction, the human-graded equivalence table, real data
 (MATH-500 and GSM8K reference solutions against their gold answers), the time bound and recovery of
 the worker pool, and calls from non-main threads."""
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from acim_fast.verify import VerifierPool, Verdict, extract_answer, verify_answer, verify_batch
+from acim_fast.reward.verifier import VerifierPool, Verdict, verify_answer, verify_batch
+from acim_fast.reward.extract import extract_answer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TIMEOUT = 3.0  # per math-verify check in these tests; a normal check takes ~5 ms
@@ -360,7 +361,7 @@ def test_concurrent_threads_get_their_own_answers(pool):
 
 ORPHAN_PARENT = r"""
 import sys
-from acim_fast.verify import VerifierPool
+from acim_fast.reward.verifier import VerifierPool
 pool = VerifierPool(workers=1, timeout=2.0)
 pool.verify(r"\boxed{1}", r"\frac{2}{2}")  # the worker is up
 print(*(w.proc.pid for w in pool._workers), flush=True)

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (acim_fast.vllm_engine) against our sampler on the warmed-up default model: greedy tool-loop
+"""The vLLM rollout backend (acim_fast.engine.vllm_backend) against our sampler on the warmed-up default model: greedy tool-loop
 rollouts are the same tokens, behaviour log-probs are the training forward's (raw distribution at the training
 temperature, whatever the sampling filters), a weight sync changes vLLM's outputs to the new weights', forks and the
 E-step / evaluation / run work through it.
@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from acim_fast.config import smoke_preset
-from acim_fast.estep import EStepConfig, explore
+from acim_fast.train.estep import EStepConfig, explore
 from acim_fast.evaluate import EvalOptions, evaluate
 from acim_fast.evaluate import main as evaluate_main
-from acim_fast.mstep import recompute_logprobs
-from acim_fast.policy import load_policy
-from acim_fast.rollout import RolloutLoop
+from acim_fast.train.mstep import recompute_logprobs
+from acim_fast.execution.rollout_model import load_rollout_model
+from acim_fast.execution.rollout import RolloutLoop
 from acim_fast.run import train
-from acim_fast.sampler import SamplingParams
-from acim_fast.task import generate
-from acim_fast.vllm_engine import VLLMBackend
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.embedded.task import generate
+from acim_fast.engine.vllm_backend import VLLMBackend
 
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -115,7 +115,7 @@ def test_a_weight_sync_gives_vllm_the_new_weights(policy, backend, sandbox, warm
     problems = _problems(8, seed=3)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=120, stop_token_ids=policy.stop_token_ids)
     before, _ = _rollouts(dataclasses.replace(policy, backend=backend), sandbox, problems, greedy)
-    changed = load_policy(warm_model)
+    changed = load_rollout_model(warm_model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in changed.model.parameters():

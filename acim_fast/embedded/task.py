@@ -2,9 +2,9 @@
 
 What it does:
 - Six families, each with a difficulty knob `level` (1..4, the size of the numbers). The tiny char-level model of
-  `acim_fast.tiny` after its warm-up (`acim_fast.sft`) copies digits almost perfectly but cannot do multi-digit
+  `acim_fast.embedded.tiny` after its warm-up (`acim_fast.embedded.warmup`) copies digits almost perfectly but cannot do multi-digit
   arithmetic, and the families are built around that, so that it meets both sides of the code decision
-  (`acim_fast.sft.measure_regions` measures where each family and level falls):
+  (`acim_fast.embedded.warmup.measure_regions` measures where each family and level falls):
   - region ii, code pays and prose cannot work: `mul` (a*b), `pow` (a^b), `mod` (a mod m), `add` (a+b). The prose
     route must write a multi-digit result in one step; the code route only copies the numbers into `print(...)`
     and the printed value into the box.
@@ -15,7 +15,7 @@ What it does:
     of a*b: one look-up in a one-digit table in prose, which the warm-up learns only partly) and `mod` at level 1.
 - Every problem carries two demonstrations: a prose solution ending in `\\boxed{answer}`, and a code solution: a
   python cell printing `expr`, its output block holding the REAL output (`expr` evaluated by Python, here, not by
-  the sandbox), then `\\boxed{answer}`, in the cell format of `acim_fast.prompts.CellFormat`. The code demonstration
+  the sandbox), then `\\boxed{answer}`, in the cell format of `acim_fast.execution.prompts.CellFormat`. The code demonstration
   is returned in three parts (`CodeDemo`) so a trainer can leave the output block, tool output, out of the loss.
 - Deterministic: `generate(n, seed=...)` depends on its arguments only. Held-out split: a problem belongs to the
   eval split iff a hash of its question falls in bucket 0 of `EVAL_BUCKETS`, whatever the seed, so no question can
@@ -23,20 +23,20 @@ What it does:
 - Short by construction, for a short-context model: questions fit the plain prompt template in under 80
   characters, demonstrations are under 200 (checked by the tests).
 
-What it does not do: prompts or tokenisation (`acim_fast.prompts`, `acim_fast.tiny`), training (`acim_fast.sft`), or
+What it does not do: prompts or tokenisation (`acim_fast.execution.prompts`, `acim_fast.embedded.tiny`), training (`acim_fast.embedded.warmup`), or
 non-integer answers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import types
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from acim_fast.common.hashing import stable_hash
 from acim_fast.data import Problem
-from acim_fast.prompts import CellFormat
+from acim_fast.execution.prompts import CellFormat
 
 FAMILIES: tuple[str, ...] = ("add", "units", "cancel", "mul", "pow", "mod")
 LEVELS: tuple[int, ...] = (1, 2, 3, 4)
@@ -80,7 +80,7 @@ class TaskProblem:
 
     def to_problem(self) -> Problem:
         """The record the rest of the trainer (data, E-step, evaluation) reads."""
-        key = hashlib.sha256(self.question.encode()).hexdigest()[:12]
+        key = f"{stable_hash(self.question, sep=''):016x}"[:12]
         return Problem(id=f"{self.family}-{self.level}-{key}", problem=self.question, answer=self.answer,
                        level=self.level, source=SOURCE,
                        extra=types.MappingProxyType({"family": self.family, "expr": self.expr}))
@@ -95,7 +95,7 @@ def evaluate(expr: str) -> int:
 
 def split_of(question: str) -> str:
     """"eval" or "train": the side of the held-out split a question is on (independent of any seed)."""
-    bucket = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") % EVAL_BUCKETS
+    bucket = stable_hash(question, sep="") % EVAL_BUCKETS
     return "eval" if bucket == 0 else "train"
 
 

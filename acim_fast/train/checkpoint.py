@@ -30,8 +30,8 @@ from typing import Any, Collection, Mapping
 
 import torch.distributed.checkpoint as dcp
 
-from acim_fast.dist import Dist
-from acim_fast.policy import Policy
+from acim_fast.train.dist import Dist
+from acim_fast.execution.rollout_model import RolloutModel
 
 _NAME = re.compile(r"^iter_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"
@@ -42,7 +42,7 @@ def path_of(run_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"iter_{iteration:04d}"
 
 
-def save(run_dir: str | os.PathLike, iteration: int, policy: Policy, trainer_state: dict[str, Any],
+def save(run_dir: str | os.PathLike, iteration: int, policy: RolloutModel, trainer_state: dict[str, Any],
          files: Mapping[str, str] | None = None, *, dist: Dist | None = None) -> Path:
     """Write the checkpoint of `iteration` atomically (see the module docstring); returns its path. Collective when
     `dist` is given: every rank writes its shard of `trainer_state`, rank 0 the rest (its `policy` holds the full

@@ -21,7 +21,7 @@ What it does:
 
 What it does not do: sliding-window attention, RoPE types other than the three above, tensor parallelism, weight
 initialisation schemes (a fresh `CausalLM(config)` has PyTorch's default init, which is enough for tests),
-tokenisation, or sampling (see `acim_fast.sampler`).
+tokenisation, or sampling (see `acim_fast.engine.sampling`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from acim_fast.atomic import atomic_write
+from acim_fast.common.atomic import atomic_write
 from acim_kernels.paged_attention import paged_attention
 
 SINGLE_FILE = "model.safetensors"
@@ -428,7 +428,7 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def forward_paged(self, input_ids: torch.Tensor, kv: Any, batch: PagedInputs) -> torch.Tensor:
-        """Paged path: writes this step's K/V into `kv` (an `acim_fast.kv_cache.KVPool`) and returns hidden `[T, H]`.
+        """Paged path: writes this step's K/V into `kv` (an `acim_fast.engine.kv_cache.KVPool`) and returns hidden `[T, H]`.
 
         Sequence b's queries are the last `query_start_loc[b+1] - query_start_loc[b]` of its `seq_lens[b]` tokens.
         Inference only (no autograd through the pool writes). Metadata values are not checked (see PagedInputs).

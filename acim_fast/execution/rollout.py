@@ -39,10 +39,11 @@ import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from acim_fast.prompts import CellFormat
-from acim_fast.sampler import Engine, SamplingParams, SeqOutput
-from acim_fast.sandbox import Result, Sandbox, next_history
-from acim_fast.verify import Verdict, verify_batch
+from acim_fast.execution.prompts import CellFormat
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams, SeqOutput
+from acim_fast.execution.sandbox import Result, Sandbox, next_history
+from acim_fast.reward.verifier import Verdict, verify_batch
 
 # Rewards need an answer the model stated (a box, '####', 'the answer is'): with the last-number fallback, a
 # number printed by a trailing tool output would count as the model's answer.

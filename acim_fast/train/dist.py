@@ -13,7 +13,7 @@ What it does:
   fp32 masters): the gathered parameters and the compute in that dtype, the gradient reduction and the sharded
   master parameters, hence the optimiser's updates, in fp32.
 - `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
-  Python objects or every rank's strided share of a list, a barrier).
+  Python objects, every rank's share of a list and gathering them back, a barrier).
 - `copy_full_weights(sharded, into)`: the trained (sharded) parameters copied whole into a per-rank sampler's model,
   gathered one tensor at a time: besides the two models, one unsharded tensor exists at any moment (a full fp32
   copy of a 7B model would be 28 GB on every GPU).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch.distributed as torch_dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from acim_fast.model import CausalLM
+from acim_fast.engine.model import CausalLM
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ class Dist:
         out: list[Any] = [None] * self.world
         torch_dist.all_gather_object(out, obj)
         return out
+
+    def share(self, whole: Sequence[Any]) -> list[Any]:
+        """This rank's share of `whole`: every world-th item from its rank on (disjoint, covering, sizes within one
+        of each other). The one sharding rule of problems, samples and evaluation rows; `gather_shares` inverts it."""
+        return list(whole[self.rank::self.world])
 
     def gather_shares(self, share: list[Any]) -> list[Any]:
         """The whole list, on every rank, from each rank's share `whole[rank::world]` (pickled, as `gather`)."""

@@ -1,13 +1,13 @@
-"""The sandbox's server process and the cells it forks (the trainer's side is `acim_fast.sandbox`).
+"""The sandbox's server process and the cells it forks (the trainer's side is `acim_fast.execution.sandbox`).
 
-This file runs in an interpreter of its own, started by `acim_fast.sandbox` with a scrubbed environment and loaded
+This file runs in an interpreter of its own, started by `acim_fast.execution.sandbox` with a scrubbed environment and loaded
 by path: it imports only the standard library, never the `acim_fast` package, which that interpreter may not find
 (a source checkout on PYTHONPATH) and which would pull the trainer into every cell. So what both sides share lives
 here: the options (`SandboxOptions`, which the server enforces), the pipe framing, and removing a directory tree.
 
 What it does: one event loop reads jobs from the trainer, forks one confined process per cell (in a pid namespace
 of its own when the kernel allows, else under a child subreaper), kills cells at their deadline, renices slow ones,
-and sends each result back as the cell's processes end. The isolation itself is described in `acim_fast.sandbox`.
+and sends each result back as the cell's processes end. The isolation itself is described in `acim_fast.execution.sandbox`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ What it does:
   cosine to `min_lr_ratio` over `total_steps` optimiser steps of the whole run), so both carry across EM iterations
   and are checkpointed (`state_dict` / `load_state_dict`).
 - `MStep.train(samples, loss, seed=...)`: `epochs` passes over the samples in a seeded shuffled order,
-  `samples_per_step` samples per optimiser step. A step's samples are packed (`acim_fast.packing`) into
+  `samples_per_step` samples per optimiser step. A step's samples are packed (`acim_fast.train.packing`) into
   micro-batches of at most `micro_batch_tokens` rows, each through the dense path (`CausalLM.forward_hidden`) and
   `acim_kernels.policy_loss` (per token: the sample's advantage, its behaviour log-prob as `old_logp`, its loss
   mask, its decision mask as `sft_mask`), gradients accumulated with the step's global normaliser (its valid tokens,
@@ -19,13 +19,13 @@ What it does:
   PPO's usual choice); with "sampler" (default) it uses the sampler's, which makes forced-prefix samples truly
   off-policy.
 
-- With a `Dist` (FSDP2, `acim_fast.dist`), every rank holds the same global buffer and takes every world-th sample of
+- With a `Dist` (FSDP2, `acim_fast.train.dist`), every rank holds the same global buffer and takes every world-th sample of
   each step (micro-batch counts padded to agree); the normaliser is the global batch's, each rank's loss is scaled
   by the world size against FSDP's gradient averaging, and metrics are summed over ranks: one step equals the
   single-process step (tested to 1e-5).
 
 What it does not do: sample, sync weights into a separate inference copy (in one process the sampler reads this very
-module; with several, `acim_fast.dist.copy_full_weights`), or checkpoint files (run.py).
+module; with several, `acim_fast.train.dist.copy_full_weights`), or checkpoint files (run.py).
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from acim_fast.dist import Dist
-from acim_fast.estep import Sample
-from acim_fast.model import CausalLM
-from acim_fast.options import check_int, option
-from acim_fast.optim import adamw, lr_factor
-from acim_fast.packing import Pack, Row, pack, plan
+from acim_fast.train.dist import Dist
+from acim_fast.train.estep import Sample
+from acim_fast.engine.model import CausalLM
+from acim_fast.common.fields import check_int, option
+from acim_fast.train.optim import adamw, lr_factor
+from acim_fast.train.packing import Pack, Row, pack, plan
 from acim_kernels import LossConfig, policy_loss
 
 BEHAVIOURS = ("sampler", "recompute")

@@ -51,10 +51,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from acim_fast.model import declared_dtype
-from acim_fast.options import check_int, option
-from acim_fast.sampler import (EngineBase, EngineStats, SamplingParams, SeqOutput, SeqState, derive_seed,
-                               stop_string_hit)
+from acim_fast.engine.model import declared_dtype
+from acim_fast.common.fields import check_int, option
+from acim_fast.engine.sampling import (EngineBase, EngineStats, SamplingParams, SeqOutput, SeqState, derive_seed, stop_string_hit)
 
 _SEGMENT = -2  # derive_seed's fork index for a sequence's successive requests (forks use 0, 1, ...)
 

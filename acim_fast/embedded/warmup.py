@@ -2,7 +2,7 @@
 
 What it does:
 - `demonstration(problem, code=..., ...)` renders one training example from a `TaskProblem`: the plain prompt of
-  `acim_fast.prompts` (loss mask 0), then the prose or the code demonstration and EOS (mask 1), except the output
+  `acim_fast.execution.prompts` (loss mask 0), then the prose or the code demonstration and EOS (mask 1), except the output
   block of a code demonstration (tool output: mask 0, as the rollout loop will append it) and, for a
   `triggered` one, the forced code prefix of `prompts.build_prompt(mode="code")` (mask 0: a forced prefix is not
   the model's choice, and a model that never learns to write it keeps deciding at its first token).
@@ -10,9 +10,9 @@ What it does:
   family and level, so the warmed-up model picks code at random, not by difficulty: deciding is RL's job. A share
   of the examples (`trigger_fraction`) are code demonstrations after the forced code prefix, so that the prefix
   forces code in the tiny model too.
-- Packing: `acim_fast.packing.pack` of `Row(example.ids, {"loss_mask": example.mask})` (the mask of a row is its
+- Packing: `acim_fast.train.packing.pack` of `Row(example.ids, {"loss_mask": example.mask})` (the mask of a row is its
   target's).
-- `train_sft(model, encode, eos_id, config)`: AdamW, linear warm-up then cosine decay (`acim_fast.optim`), gradient
+- `train_sft(model, encode, eos_id, config)`: AdamW, linear warm-up then cosine decay (`acim_fast.train.optim`), gradient
   clipping; each
   step one pack through the dense path (`CausalLM.forward_hidden`) and the fused loss (`acim_kernels.policy_loss`
   with its `sft_coef` term alone: advantages 0, so the loss is the mean NLL over the masked-in tokens). Seeded;
@@ -24,7 +24,7 @@ What it does:
   "autonomous" left to the model; for it also the mean first-token probability of opening a cell, the decision
   the warm-up left (about 0.5 everywhere when it worked). `format_regions` prints the table. To rerun:
 
-      from acim_fast.sft import format_regions, measure_regions, warm_up
+      from acim_fast.embedded.warmup import format_regions, measure_regions, warm_up
       warm_up("runs/tiny")  # fresh tiny model + SFT, saved there
       print(format_regions(measure_regions("runs/tiny", per_cell=40)))
 
@@ -41,16 +41,17 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from acim_fast.model import CausalLM
-from acim_fast.optim import adamw, lr_factor
-from acim_fast.options import check_int
-from acim_fast.packing import Pack, Row, pack
-from acim_fast.prompts import MODES, CellFormat, build_prompt, fence_start_ids
-from acim_fast.rollout import RolloutLoop
-from acim_fast.sampler import Engine, SamplingParams
-from acim_fast.sandbox import Sandbox, SandboxOptions
-from acim_fast.task import FAMILIES, LEVELS, TaskProblem, generate
-from acim_fast.tiny import EOS, TinyConfig, codec, create_tiny, load_tokenizer
+from acim_fast.engine.model import CausalLM
+from acim_fast.train.optim import adamw, lr_factor
+from acim_fast.common.fields import check_int
+from acim_fast.train.packing import Pack, Row, pack
+from acim_fast.execution.prompts import MODES, CellFormat, build_prompt, fence_start_ids
+from acim_fast.execution.rollout import RolloutLoop
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.embedded.task import FAMILIES, LEVELS, TaskProblem, generate
+from acim_fast.embedded.tiny import EOS, TinyConfig, codec, create_tiny, load_tokenizer
 from acim_kernels import LossConfig, policy_loss
 
 SFT_LOSS = LossConfig(sft_coef=1.0)

@@ -14,7 +14,7 @@ What it does:
 - `load_tokenizer(path)` and `codec(tokenizer)`: the `encode` / `decode` callables the sampler, the rollout loop
   and the trainer take (ids without special tokens added; decode skips specials).
 
-What it does not do: train (`acim_fast.sft`), chat templates (the plain prompt of `acim_fast.prompts` applies), or
+What it does not do: train (`acim_fast.embedded.warmup`), chat templates (the plain prompt of `acim_fast.execution.prompts` applies), or
 any vocabulary beyond ASCII.
 """
 
@@ -30,8 +30,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from acim_fast.model import CausalLM, ModelConfig
-from acim_fast.options import check_int
+from acim_fast.engine.model import CausalLM, ModelConfig
+from acim_fast.common.fields import check_int
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -6,7 +6,7 @@ What it does, per problem (`explore`):
   are computed once and shared copy-on-write. Per problem: `k_free` unguided rollouts (the model decides, estimating
   pi(code|x)), `k_code` with code forced by the code prefix of `prompts.build_prompt` (its ids appended as forced
   response tokens: loss mask 0, not the model's choice; the first forced-code rollout computes them and the others
-  fork from it) and `k_prose` with prose forced by banning the fence-start ids at every step (`Policy.fence_ids`).
+  fork from it) and `k_prose` with prose forced by banning the fence-start ids at every step (`RolloutModel.fence_ids`).
   With `algo="grpo"` all `k_free + k_code + k_prose` are unguided.
 - Decision-point forking (`decision_fork`): when a rollout closes a python cell, before it runs, a sibling is forked
   at the token where the cell opened, forbidden to open it there and banned from opening any cell afterwards (it
@@ -59,13 +59,20 @@ from typing import Any, Sequence
 import tqdm
 
 from acim_fast.data import Problem
-from acim_fast.options import check_int, option
-from acim_fast.policy import Policy
-from acim_fast.rollout import RolloutLoop, RolloutRecord
-from acim_fast.sampler import SamplingParams, stable_seed
-from acim_fast.sandbox import Sandbox
+from acim_fast.common.fields import Choice, check_int, option
+from acim_fast.execution.rollout_model import RolloutModel
+from acim_fast.execution.rollout import RolloutLoop, RolloutRecord
+from acim_fast.common.hashing import stable_seed
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.sandbox import Sandbox
 
-ALGOS = ("em", "grpo")
+
+
+class Algo(Choice):
+    """The training algorithm: AutoCode's EM, or the GRPO baseline at the same rollout budget."""
+
+    EM = "em"
+    GRPO = "grpo"
 FORKS = ("off", "first", "every")
 FORMS = ("posterior", "tempered", "hardmax", "value")
 DROPS = ("all_fail", "uniform")
@@ -252,12 +259,11 @@ class _Origin:
     fork_at: int | None = None  # response index where a sibling was forked
 
 
-def explore(policy: Policy, problems: Sequence[Problem], cfg: EStepConfig, *, algo: str = "em",
+def explore(policy: RolloutModel, problems: Sequence[Problem], cfg: EStepConfig, *, algo: str = "em",
             sandbox: Sandbox, seed: int = 0, iteration: int = 0) -> EStepResult:
     """Run the E-step on `problems` (see the module docstring). Every random choice is a function of `seed`,
     `iteration` and each problem's source and id, so a problem's rollouts do not depend on the other problems."""
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    algo = Algo.parse(algo, "algo")
     problems = list(problems)
     if not problems:
         raise ValueError("explore needs at least one problem")
@@ -339,7 +345,7 @@ def _sample(record: RolloutRecord, origin: _Origin, decision: str, advantage: fl
                   off_context=cut > 0)
 
 
-def _rollouts(policy: Policy, problems: list[Problem], cfg: EStepConfig, algo: str, sandbox: Sandbox, seed: int,
+def _rollouts(policy: RolloutModel, problems: list[Problem], cfg: EStepConfig, algo: str, sandbox: Sandbox, seed: int,
               iteration: int) -> tuple[list[RolloutRecord], list[_Origin], dict[str, int]]:
     """Every rollout of every problem, with where each came from. A problem's whole group is admitted while fewer
     than `max_num_seqs` rollouts are in flight, so the batch stays full; the pool is sized for `max_num_seqs`

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple
 
+from acim_fast.common.fields import Choice
+
 __all__ = ["ANSWER_INSTRUCTION", "CODE_TRIGGER", "CellFormat", "MODES", "Mode", "PLAIN_TEMPLATE", "Prompt",
            "build_prompt", "fence_start_ids", "has_chat_template"]
 
@@ -41,6 +43,13 @@ PLAIN_TEMPLATE = "Problem: {problem}\nSolution:\n"
 
 Mode = Literal["autonomous", "code", "prose"]
 MODES: tuple[str, ...] = ("autonomous", "code", "prose")
+
+
+class Decision(Choice):
+    """The latent decision of a response: it opened a python cell (code) or not (prose)."""
+
+    CODE = "code"
+    PROSE = "prose"
 
 
 @dataclass(frozen=True, kw_only=True)

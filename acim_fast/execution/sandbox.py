@@ -43,7 +43,7 @@ What it does not do:
   files outside the working directory; replay time counts against the cell's timeout.
 - Survive a `fork()` of the trainer process: create the Sandbox in the process that uses it.
 
-The server and the cells are in `acim_fast.sandbox_server`; this module is the trainer's side of the pipes.
+The server and the cells are in `acim_fast.execution.sandbox_server`; this module is the trainer's side of the pipes.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 
-from acim_fast import sandbox_server
-from acim_fast.sandbox_server import SandboxOptions, recv_frame, remove_tree, write_frame
+from acim_fast.execution import sandbox_server
+from acim_fast.execution.sandbox_server import SandboxOptions, recv_frame, remove_tree, write_frame
 
 __all__ = ["STATUSES", "Isolation", "Result", "Sandbox", "SandboxOptions", "next_history"]
 

@@ -1,14 +1,14 @@
 """A policy: the network with its tokenizer, stop ids and prompt encoding, as rollouts (E-step, evaluation) need it.
 
 What it does:
-- `Policy` bundles our `CausalLM`, `encode` (text -> ids, no special tokens added), `decode` (ids -> text, special
+- `RolloutModel` bundles our `CausalLM`, `encode` (text -> ids, no special tokens added), `decode` (ids -> text, special
   tokens skipped), the stop ids, and optionally a transformers tokenizer whose chat template renders the prompt
-  (None: `prompts.PLAIN_TEMPLATE`). `Policy.prompt_ids(problem)` gives the prompt's ids and the ids of the forced
+  (None: `prompts.PLAIN_TEMPLATE`). `RolloutModel.prompt_ids(problem)` gives the prompt's ids and the ids of the forced
   code prefix, each encoded on its own (the prompt ends where sampling starts in every mode; see prompts.py);
-  `Policy.fence_ids` the tokens that can start a code fence (banned to force prose), computed once.
-- `Policy.engine(...)`: the rollout engine over the policy's weights: our `sampler.Engine`, or, when the policy has a
+  `RolloutModel.fence_ids` the tokens that can start a code fence (banned to force prose), computed once.
+- `RolloutModel.engine(...)`: the rollout engine over the policy's weights: our `sampler.Engine`, or, when the policy has a
   `backend` (e.g. `vllm_engine.VLLMBackend`), the backend's engine with the same interface.
-- `load_policy(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer`. Rollouts stop on the
+- `load_rollout_model(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer`. Rollouts stop on the
   tokenizer's eos id and those of config.json.
 
 What it does not do: sample (the sampler), train, or save (checkpoints are the trainer's).
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from acim_fast.model import CausalLM
-from acim_fast.prompts import build_prompt, fence_start_ids
-from acim_fast.sampler import Engine
+from acim_fast.engine.model import CausalLM
+from acim_fast.execution.prompts import build_prompt, fence_start_ids
+from acim_fast.engine.paged_engine import Engine
 
 
 @dataclass(frozen=True, kw_only=True)
-class Policy:
+class RolloutModel:
     model: CausalLM
     encode: Callable[[str], list[int]]  # text -> ids, no special tokens added
     decode: Callable[[list[int]], str]  # ids -> text, special tokens skipped
@@ -57,7 +57,7 @@ class Policy:
         return self.encode(code.text), self.encode(code.response_prefix)
 
 
-def load_policy(model_dir: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu") -> Policy:
+def load_rollout_model(model_dir: str | os.PathLike, *, dtype: str | None = None, device: str = "cpu") -> RolloutModel:
     """Our `CausalLM` and the directory's tokenizer (see the module docstring)."""
     path = Path(model_dir)
     if not path.is_dir():
@@ -86,5 +86,5 @@ def load_policy(model_dir: str | os.PathLike, *, dtype: str | None = None, devic
 
     # Models pad their vocabulary past the tokenizer's (Qwen2: 151936 rows, ~151665 tokens): padding ids decode to
     # nothing and cannot start a fence.
-    return Policy(model=model, encode=encode, decode=decode, stop_token_ids=stops, tokenizer=tokenizer,
+    return RolloutModel(model=model, encode=encode, decode=decode, stop_token_ids=stops, tokenizer=tokenizer,
                   fence_vocab_size=min(len(tokenizer), vocab))

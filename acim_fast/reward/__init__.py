@@ -1,0 +1,1 @@
+"""Rewards: final-answer extraction and the verifier pool that checks answers in killable workers."""

@@ -1,0 +1,122 @@
+"""Final-answer extraction from a model response."""
+
+from __future__ import annotations
+
+import re
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BARE_BOX_ARG_RE = re.compile(r"[^\s$]+")
+_BOX_JOIN_RE = re.compile(r"[\s$,]*(?:(?:and|or)[\s$,]*)?")
+# GSM8K's "#### 18" line; a line with letters is a markdown heading ("#### Step 2: ..."), not an answer.
+_HASH_RE = re.compile(r"(?m)^[ \t]*####[ \t]*([^A-Za-z\n]*[^A-Za-z\s])[ \t]*$")
+_ANSWER_IS_RE = re.compile(r"(?i)\banswer\b\**\s*(?:is\b\s*:?|:)[\s*]*")
+_MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
+# A minus sign counts only where it cannot be a binary minus of a preceding word ("x-3" gives 3).
+_NUMBER_RE = re.compile(r"(?<![\w.])(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _closing_brace(text: str, open_at: int) -> int | None:
+    """Index of the `}` matching the `{` at `open_at`; None if unbalanced. `\\{`, `\\}` are literals."""
+    depth = 0
+    i = open_at
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """Every top-level box as (start, end, content); content None for a malformed box."""
+    out: list[tuple[int, int, str | None]] = []
+    pos = 0
+    while (m := _BOX_RE.search(text, pos)) is not None:
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = _closing_brace(text, j)
+            if close is None:
+                out.append((m.start(), len(text), None))
+                break
+            content = text[j + 1 : close].strip()
+            out.append((m.start(), close + 1, content or None))
+            pos = close + 1
+        elif j > m.end() and (tok := _BARE_BOX_ARG_RE.match(text, j)) is not None:
+            content = tok.group().rstrip(".,;")
+            out.append((m.start(), tok.end(), content or None))
+            pos = tok.end()
+        else:
+            out.append((m.start(), m.end(), None))
+            pos = m.end()
+    return out
+
+
+def _boxed_answer(text: str) -> tuple[bool, str | None]:
+    """(whether the text has a box, the answer from the last box and the boxes joined to it)."""
+    boxes = _boxes(text)
+    if not boxes:
+        return False, None
+    start, _, content = boxes[-1]
+    if content is None:
+        return True, None
+    parts = [content]
+    for prev_start, prev_end, prev_content in reversed(boxes[:-1]):
+        if prev_content is None or not _BOX_JOIN_RE.fullmatch(text[prev_end:start]):
+            break
+        parts.insert(0, prev_content)
+        start = prev_start
+    answer = ", ".join(dict.fromkeys(parts))  # "\boxed{5} \boxed{5}" is one answer, not the set {5, 5}
+    inner = _boxes(answer)
+    if len(inner) == 1 and inner[0][0] == 0 and inner[0][1] == len(answer):
+        return True, inner[0][2]  # "\boxed{\boxed{5}}"
+    return True, answer
+
+
+def _clean_tail(tail: str) -> str | None:
+    """The answer at the start of `tail`: a leading math span, else up to the end of the sentence."""
+    tail = tail.strip()
+    for opener, closer in _MATH_SPANS:
+        if tail.startswith(opener):
+            end = tail.find(closer, len(opener))
+            tail = tail[len(opener) : end if end >= 0 else len(tail)]
+            break
+    else:
+        end = _SENTENCE_END_RE.search(tail)
+        if end is not None:
+            tail = tail[: end.start()]
+    tail = tail.strip().strip("*").strip().rstrip(".,;:").strip()
+    return tail or None
+
+
+def extract_answer(text: str, *, last_number: bool = True) -> str | None:
+    """The final answer of a response, or None. See the module docstring for the order of rules."""
+    if not isinstance(text, str):
+        raise ValueError(f"extract_answer: text must be str, got {type(text).__name__}")
+    has_box, boxed = _boxed_answer(text)
+    if has_box:
+        return boxed
+    hashes = _HASH_RE.findall(text)
+    if hashes:
+        return _clean_tail(hashes[-1])
+    answer_is = list(_ANSWER_IS_RE.finditer(text))
+    if answer_is:
+        return _clean_tail(text[answer_is[-1].end() :])
+    if last_number:
+        numbers = _NUMBER_RE.findall(text)
+        if numbers:
+            return numbers[-1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Cheap decisions in the calling process

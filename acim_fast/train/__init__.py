@@ -1,0 +1,1 @@
+"""Training: the E-step, the M-step and what they use (packing, optimiser, FSDP2, checkpoints)."""
