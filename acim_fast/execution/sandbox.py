@@ -61,12 +61,27 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 
+from acim_fast.common.fields import Choice
 from acim_fast.execution import sandbox_server
 from acim_fast.execution.sandbox_server import SandboxOptions, recv_frame, remove_tree, write_frame
 
-__all__ = ["STATUSES", "Isolation", "Result", "Sandbox", "SandboxOptions", "next_history"]
+__all__ = ["STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxOptions", "next_history"]
 
-STATUSES = ("ok", "error", "timeout", "memory", "killed")
+
+
+class CellStatus(Choice):
+    """How a cell ended: the five outcomes the sandbox reports, and LIMIT, a cell the rollout loop did not run (its
+    code-call cap was reached)."""
+
+    OK = "ok"
+    ERROR = "error"  # the cell raised (the model's own mistake)
+    TIMEOUT = "timeout"  # wall-clock or CPU time ran out
+    MEMORY = "memory"  # the address-space limit was hit
+    KILLED = "killed"  # stopped by a signal, or the sandbox could not run it
+    LIMIT = "limit"
+
+
+STATUSES = tuple(s for s in CellStatus if s is not CellStatus.LIMIT)  # what a sandbox run can return
 
 _START_TIMEOUT_S = 120.0  # preloading heavy modules (torch) can take a while on a loaded machine
 # The server's whole environment, inherited by every cell: nothing of the trainer's leaks through.
@@ -91,7 +106,7 @@ _BOOT = (
 class Result:
     """What one cell did. `error` is the last traceback line (or why it was stopped); "" when ok."""
 
-    status: str  # one of STATUSES
+    status: CellStatus  # one of STATUSES
     output: str  # stdout and stderr interleaved, head + tail kept
     error: str
     duration_s: float  # from fork to the end of the cell's last process
@@ -262,7 +277,7 @@ class _Client:
             with self._pending_lock:
                 future = self._pending.pop(msg["id"], None)
             if future is not None:
-                future.set_result(Result(msg["status"], msg["output"], msg["error"], msg["duration"]))
+                future.set_result(Result(CellStatus(msg["status"]), msg["output"], msg["error"], msg["duration"]))
         os.close(self._res_r)
         with self._pending_lock:
             self._dead = True
@@ -270,7 +285,7 @@ class _Client:
             self._pending.clear()
         why = "sandbox closed" if self._closing else "sandbox server exited"
         for future in orphans:
-            future.set_result(Result("killed", "", why, 0.0))
+            future.set_result(Result(CellStatus.KILLED, "", why, 0.0))
 
     def close(self) -> None:
         """Idempotent. EOF on the command pipe makes the server kill its cells and exit."""
