@@ -1,4 +1,5 @@
-"""Fixtures shared by tests/ and bench/: the warmed-up tiny model of the embedded default, made once per session."""
+"""Shared by tests/ and bench/: the warmed-up tiny model of the embedded default (made once per session), and the
+`slow` marker for every test that needs it, so `pytest -m "not slow"` is a quick loop."""
 
 import os
 
@@ -26,3 +27,10 @@ def policy(warm_model):
     from acim_fast.execution.rollout_model import load_rollout_model
 
     return load_rollout_model(warm_model)
+
+
+def pytest_collection_modifyitems(items):
+    # The warm-up alone takes ~1.5 min: whatever needs the warmed-up model is slow, whatever else it does.
+    for item in items:
+        if "warm_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
