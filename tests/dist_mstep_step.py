@@ -8,7 +8,7 @@ import random, shutil, sys, tempfile
 from pathlib import Path
 
 import torch
-from acim_fast import dist as D
+from acim_fast.train import dist as D
 from acim_fast.engine.model import CausalLM
 from acim_fast.train.estep import Sample
 from acim_fast.train.mstep import MStep, MStepConfig
