@@ -1,34 +1,14 @@
-"""The one entry point: `python -m acim_fast.run [--preset P] [--field value ...] | --resume RUN_DIR` (see `--help`).
+"""The training entry point: `python -m acim_fast.run [--preset P] [--field value ...] | --resume RUN_DIR` (see
+`--help`), in one process or on every rank of `torchrun --nproc_per_node N -m acim_fast.run ...`.
 
-What it does (`train`):
-1. The run directory (`--out_dir`): a fresh run refuses a directory that already holds checkpoints (resume it, or
-   pick another); the resolved config is printed and saved as config.json.
-2. The model: `--model DIR`, or the embedded tiny model created and warmed up (`acim_fast.embedded.warmup.warm_up`,
-   `--warmup_steps`) in RUN/warmup, written to a temporary directory and renamed, so a killed warm-up restarts clean.
-3. The problems: `--data` (training) and `--eval_data` (held out), or `--eval_problems` split off `--data`
-   (`data.split`), or the embedded task's train and held-out splits. The held-out set does not depend on `--seed`, so
-   runs of different seeds are scored on the same problems. Iteration i explores the next `--problems_per_iter`
-   problems of the training set shuffled per epoch (`data.shuffle`): a pure function of the seed and i.
-4. Iteration 0 evaluates the starting model; each iteration i >= 1 runs the E-step (`estep.explore`), the M-step
-   (`mstep.MStep.train`: an fp32 model is trained in place, and the next E-step's engine reads the same module, which
-   is the weight sync of a single process; a bf16 model is sampled as it is and trained on an fp32 master copy, as
-   under torchrun below, in a world of one) and the evaluation (`evaluate.evaluate`), then appends one line of metrics
-   to RUN/metrics.jsonl (and prints it) and writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.train.checkpoint`:
-   the HF-format model and tokenizer, the optimiser state, the evaluation report).
-5. At the end: RUN/report.png (`acim_fast.report`) and a summary table.
+What it does: prepares the run directory (config.json), the starting model and the problems; evaluates the starting
+model (iteration 0), then runs each EM iteration — the E-step (`estep.explore`), the M-step (`mstep.MStep`), the
+evaluation on the held-out problems (`evaluate.evaluate`) — and after each appends a line to RUN/metrics.jsonl and
+writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.train.checkpoint`); ends with RUN/report.png and a summary
+table. `--resume RUN_DIR` goes on after the newest complete checkpoint with the same data order and seeds, so a run
+killed at any moment loses no finished iteration.
 
-`--resume RUN_DIR` reloads RUN_DIR/config.json, drops the temporary directories of an interrupted save, restarts
-after the newest complete checkpoint (its weights and optimiser state), keeps the metrics lines up to it and goes on
-with the same data order and seeds: a run killed at any moment resumes without losing a finished iteration.
-
-Under `torchrun --nproc_per_node N -m acim_fast.run ...` (see `acim_fast.train.dist`) every rank runs this same function:
-rank 0 prepares the run directory and the starting model, every rank explores its share of each iteration's problems
-with its own sampler (a whole copy of the weights), the shares are merged into the single-process E-step result, the
-M-step trains an FSDP2-sharded copy on the merged buffer, the trained weights are gathered into every sampler, every
-rank evaluates its share of the held-out problems, and rank 0 merges the report and writes metrics and the HF export;
-the trainer state is saved by all ranks.
-
-What it does not do: choose hyper-parameters (see `--help`).
+What it does not do: the work of each phase (the modules named above), or choose hyper-parameters.
 """
 
 from __future__ import annotations
@@ -56,7 +36,7 @@ from acim_fast.train.estep import EStepResult, explore
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.engine.model import CausalLM
 from acim_fast.train.mstep import MStep
-from acim_fast.execution.rollout_model import load_rollout_model
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
 from acim_fast.common.hashing import stable_seed
 from acim_fast.execution.sandbox import Sandbox, SandboxOptions
@@ -77,121 +57,167 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring).
-    Under torchrun every rank calls it; rank 0 logs, evaluates and writes the run's files."""
+    Under torchrun every rank calls it; rank 0 logs, keeps the metrics and writes the run's files."""
     dist = from_env()
+    # What the run opens for itself (a world of one, the vLLM engine) closes here, last opened first closed: before
+    # the process group is left.
     with contextlib.ExitStack() as owned:
-        records = _train(config, dist, resume_dir, log, owned)
+        records = _Trainer.setup(config, _Ranks(dist), resume_dir, log, owned).run()
     if dist is not None:  # on an error, no barrier: the rank dies and torchrun stops the others
         dist.close()
     return records
 
 
-def _train(config: Config, dist: Dist | None, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
-           owned: contextlib.ExitStack) -> list[dict[str, Any]]:
-    """`owned` closes what this call opens for itself (a world of one, the vLLM engine) when the caller's block
-    ends, last opened first closed."""
-    main = dist is None or dist.is_main
-    if not main:
-        log = _silent
-    run_dir = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
-    if dist is not None and config.problems_per_iter < dist.world:
-        raise ValueError(f"--problems_per_iter {config.problems_per_iter} leaves some of the {dist.world} ranks "
-                         f"without a problem to explore")
-    if main and resume_dir is None:
-        if checkpoint.latest(run_dir) is not None:
-            raise ValueError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or choose "
-                             f"another --out_dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json(), encoding="utf-8"))
-    log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
-    train_set, held_out = problems_of(config)
-    if main:
-        checkpoint.clean(run_dir)
-        last = checkpoint.latest(run_dir)
-        start = base_model(config, run_dir, log) if last is None else last
-    if dist is not None:  # rank 0 found (or made) the starting point; the others take it from there
-        last, start = dist.gather((last, start) if main else None)[0]
-        device = str(dist.device)
-    else:
-        device = config.device
-    policy = load_rollout_model(start, dtype=config.dtype, device=device)  # what the sampler of this rank runs
-    compute = policy.model.dtype
-    if compute == torch.float16:
-        raise ValueError(f"{start} is float16: training computes in the model's dtype, and float16 gradients would "
-                         f"need loss scaling, which this trainer does not do: pass --dtype bfloat16 (or float32)")
-    if dist is None and compute != torch.float32:
-        # A bf16 model trained in place would round away AdamW's updates (at lr 1e-6, nearly all of them): one
-        # process trains like a torchrun rank instead, on an fp32 master copy through FSDP2's mixed precision.
-        dist = owned.enter_context(world_of_one(torch.device(device)))
-    trained = policy.model
-    backend = None
-    if config.rollout_backend == "vllm":  # one engine per process, which its rank alone drives
-        # On `owned`, so that it shuts down before a world of one entered earlier is left.
-        backend = owned.enter_context(contextlib.closing(VLLMBackend(
-            start, config.vllm, dtype=config.dtype, seed=config.seed, per_rank=dist is not None and dist.world > 1)))
-        policy = dataclasses.replace(policy, backend=backend)
-    if dist is not None:  # a second copy, fp32 and sharded as it loads: the sampler's stays whole, refreshed after
-        # each M-step
-        trained = CausalLM.from_pretrained(start, dtype="float32", device=device,
-                                           prepare=lambda model: shard(model, dist, compute_dtype=compute))
-    mstep = MStep(trained, config.mstep, total_steps=planned_steps(config), dist=dist)
-    records: list[dict[str, Any]] = []
-    first = 0
-    if last is not None:
-        first = checkpoint.iteration_of(last) + 1
+@dataclasses.dataclass(frozen=True)
+class _Ranks:
+    """The processes that train together: a torchrun world, a world of one, or none (`dist` None: a plain process
+    that trains an fp32 model in place). The trainer asks them the same questions in all three cases; with ranks,
+    every rank explores and evaluates its share of the problems (`Dist.share`) and gets the merged result."""
+
+    dist: Dist | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def world(self) -> int:
+        return 1 if self.dist is None else self.dist.world
+
+    def device(self, default: str) -> str:
+        return default if self.dist is None else str(self.dist.device)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (the others pass None)."""
+        return value if self.dist is None else self.dist.gather(value)[0]
+
+    def share(self, whole: list[Problem]) -> list[Problem]:
+        return whole if self.dist is None else self.dist.share(whole)
+
+    def merge(self, part: EStepResult) -> EStepResult:
+        """The result of exploring the whole batch, from this rank's result on its share."""
+        return part if self.dist is None else EStepResult.merge(self.dist.gather(part))
+
+
+@dataclasses.dataclass(eq=False)
+class _Trainer:
+    """One run: set up once (`setup`), then one method per phase of an iteration (`run` calls them in turn)."""
+
+    config: Config
+    ranks: _Ranks
+    run_dir: Path
+    log: Callable[[str], None]
+    train_set: list[Problem]
+    held_out: list[Problem]
+    policy: RolloutModel  # what the sampler of this rank runs
+    trained: CausalLM  # what the M-step trains: the sampler's own module, or a sharded copy (see `_models`)
+    backend: VLLMBackend | None
+    mstep: MStep
+    first: int = 0  # the first iteration this process runs
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def setup(cls, config: Config, ranks: _Ranks, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
+              owned: contextlib.ExitStack) -> _Trainer:
+        """The run directory, problems, models and trainer state; what it opens for itself is entered on `owned`."""
+        log = log if ranks.is_main else _silent
+        run_dir = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
+        if config.problems_per_iter < ranks.world:
+            raise ValueError(f"--problems_per_iter {config.problems_per_iter} leaves some of the {ranks.world} ranks "
+                             f"without a problem to explore")
+        if ranks.is_main and resume_dir is None:
+            _open_run_dir(config, run_dir)
+        log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
+        train_set, held_out = problems_of(config)
+        last, start = _starting_point(config, run_dir, ranks, log)
+        ranks, policy, trained, backend = _models(config, start, ranks, owned)
+        trainer = cls(config=config, ranks=ranks, run_dir=run_dir, log=log, train_set=train_set, held_out=held_out,
+                      policy=policy, trained=trained, backend=backend,
+                      mstep=MStep(trained, config.mstep, total_steps=planned_steps(config), dist=ranks.dist))
+        trainer.resume(last)
+        return trainer
+
+    def resume(self, last: Path | None) -> None:
+        """Go on after checkpoint `last` (its trainer state, the metrics lines up to it), or start from iteration 0."""
+        metrics = self.run_dir / METRICS_FILE
+        if last is None:
+            if self.ranks.is_main and metrics.exists():
+                metrics.unlink()  # lines of a run that died before its first checkpoint
+            return
+        self.first = checkpoint.iteration_of(last) + 1
         # A plain fp32 process saved no separate trainer weights: its export is them.
-        mstep.load_state_dict(checkpoint.load_trainer_state(last, mstep.state_dict(), optional=("model",)))
-        records = [r for r in read_metrics(run_dir) if r["iteration"] < first]
+        self.mstep.load_state_dict(checkpoint.load_trainer_state(last, self.mstep.state_dict(), optional=("model",)))
+        # Lines after the checkpoint belong to an iteration that did not finish: it runs again.
+        self.records = [r for r in read_metrics(self.run_dir) if r["iteration"] < self.first]
+        if self.ranks.is_main:
+            text = "".join(json.dumps(r) + "\n" for r in self.records)
+            atomic_write(metrics, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self.log(f"resuming after {last} (iteration {self.first - 1})")
+
+    def run(self) -> list[dict[str, Any]]:
+        """The iterations from `first` on (iteration 0 only evaluates the starting model), then the report."""
+        cfg = self.config
+        elapsed = self.records[-1]["time_s"] if self.records else 0.0  # time_s counts the earlier processes' time
+        began = time.monotonic()
+        with (Sandbox(SandboxOptions(timeout_s=cfg.estep.sandbox_timeout_s)) as explore_box,
+              Sandbox(SandboxOptions(timeout_s=cfg.eval.sandbox_timeout_s)) as eval_box):
+            for it in tqdm.tqdm(range(self.first, cfg.iterations + 1), desc="EM iterations",
+                                disable=not (self.ranks.is_main and sys.stderr.isatty())):
+                record: dict[str, Any] = {"iteration": it, "algo": cfg.algo, "seed": cfg.seed}
+                if it > 0:
+                    result = self.e_step(it, explore_box)
+                    record.update(result.metrics)
+                    record.update(self.m_step(it, result))
+                report = self.evaluation(it, eval_box)
+                self.save(it, record, report, time_s=elapsed + time.monotonic() - began)
+        self.finish()
+        return self.records
+
+    def e_step(self, it: int, sandbox: Sandbox) -> EStepResult:
+        """Each rank explores its share of the iteration's problems; the result is that of exploring them all."""
+        batch = self.ranks.share(iteration_problems(self.train_set, self.config, it))
+        part = explore(self.policy, batch, self.config.estep, algo=self.config.algo, sandbox=sandbox,
+                       seed=self.config.seed, iteration=it)
+        return self.ranks.merge(part)
+
+    def m_step(self, it: int, result: EStepResult) -> dict[str, float]:
+        """Train on the merged buffer and bring the new weights to the sampler; returns the M-step's metrics."""
+        if self.backend is not None:
+            self.backend.sleep()  # its GPU memory is the M-step's until the weights come back
+        metrics = self.mstep.train(result.buffer, self.config.effective_loss(),
+                                   seed=stable_seed(self.config.seed, it, sep="/"))
+        if self.trained is not self.policy.model:  # weight sync: the full weights, one tensor at a time
+            copy_full_weights(self.trained, self.policy.model)
+        if self.backend is not None:  # weight sync: vLLM's copy, in place
+            self.backend.load_weights(self.policy.model)
+        return metrics
+
+    def evaluation(self, it: int, sandbox: Sandbox) -> Report:
+        """The held-out report (each rank evaluates its share; every rank gets the whole report)."""
+        return evaluate(self.policy, self.held_out, options=self.config.eval, sandbox=sandbox, dist=self.ranks.dist,
+                        meta={"iteration": it, "run": str(self.run_dir)})
+
+    def save(self, it: int, record: dict[str, Any], report: Report, *, time_s: float) -> None:
+        """The iteration's metrics line, then its checkpoint (every rank writes its share of the trainer state)."""
+        main = self.ranks.is_main
         if main:
-            text = "".join(json.dumps(r) + "\n" for r in records)
-            atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        log(f"resuming after {last} (iteration {first - 1})")
-    elif main and (run_dir / METRICS_FILE).exists():
-        (run_dir / METRICS_FILE).unlink()  # lines of a run that died before its first checkpoint
-    elapsed = records[-1]["time_s"] if records else 0.0
-    began = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        explore_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.estep.sandbox_timeout_s)))
-        eval_box = stack.enter_context(Sandbox(SandboxOptions(timeout_s=config.eval.sandbox_timeout_s)))
-        bar = tqdm.tqdm(range(first, config.iterations + 1), desc="EM iterations",
-                        disable=not (main and sys.stderr.isatty()))
-        for it in bar:
-            record: dict[str, Any] = {"iteration": it, "algo": config.algo, "seed": config.seed}
-            if it > 0:
-                batch = iteration_problems(train_set, config, it)
-                if dist is not None:
-                    batch = batch[dist.rank::dist.world]  # each rank explores its share; EStepResult.merge
-                result = explore(policy, batch, config.estep, algo=config.algo, sandbox=explore_box,
-                                 seed=config.seed, iteration=it)
-                if dist is not None:
-                    result = EStepResult.merge(dist.gather(result))
-                record.update(result.metrics)
-                if backend is not None:
-                    backend.sleep()  # its GPU memory is the M-step's until the weights come back
-                mstep_seed = stable_seed(config.seed, it, sep="/")
-                record.update(mstep.train(result.buffer, config.effective_loss(), seed=mstep_seed))
-                if dist is not None:  # weight sync: the full weights, one tensor at a time, into every sampler
-                    copy_full_weights(trained, policy.model)
-                if backend is not None:  # weight sync: vLLM's copy, in place
-                    backend.load_weights(policy.model)
-            report = evaluate(policy, held_out, options=config.eval, sandbox=eval_box, dist=dist,
-                              meta={"iteration": it, "run": str(run_dir)})
-            if main:
-                record.update(eval_metrics(report))
-                record["time_s"] = elapsed + time.monotonic() - began
-                records.append(record)
-                _append_line(run_dir / METRICS_FILE, record)
-            checkpoint.save(run_dir, it, policy, mstep.state_dict(),
-                            files={"eval.json": report.to_json()} if main else None, dist=dist)
-            if main:
-                if config.keep_trainer_states:
-                    checkpoint.prune_trainer_states(run_dir, config.keep_trainer_states)
-                log(format_line(record))
-    if main:
-        plot({f"{config.algo} seed {config.seed}": records}, run_dir / "report.png")
-        log(summary_table(records))
-        log(f"wrote {run_dir / METRICS_FILE}, {run_dir / 'report.png'}, {run_dir / 'checkpoints'}")
-    return records
+            record.update(eval_metrics(report))
+            record["time_s"] = time_s
+            self.records.append(record)
+            _append_line(self.run_dir / METRICS_FILE, record)
+        checkpoint.save(self.run_dir, it, self.policy, self.mstep.state_dict(),
+                        files={"eval.json": report.to_json()} if main else None, dist=self.ranks.dist)
+        if main:
+            if self.config.keep_trainer_states:
+                checkpoint.prune_trainer_states(self.run_dir, self.config.keep_trainer_states)
+            self.log(format_line(record))
+
+    def finish(self) -> None:
+        if not self.ranks.is_main:
+            return
+        plot({f"{self.config.algo} seed {self.config.seed}": self.records}, self.run_dir / "report.png")
+        self.log(summary_table(self.records))
+        self.log(f"wrote {self.run_dir / METRICS_FILE}, {self.run_dir / 'report.png'}, {self.run_dir / 'checkpoints'}")
 
 
 def _silent(_: str) -> None:
@@ -200,8 +226,61 @@ def _silent(_: str) -> None:
 
 # -- the pieces --
 
+def _open_run_dir(config: Config, run_dir: Path) -> None:
+    """A fresh run's directory, with its resolved config.json; one that already holds checkpoints is refused."""
+    if checkpoint.latest(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: continue it with --resume {run_dir}, or choose "
+                         f"another --out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json(), encoding="utf-8"))
+
+
+def _starting_point(config: Config, run_dir: Path, ranks: _Ranks,
+                    log: Callable[[str], None]) -> tuple[Path | None, Path]:
+    """(the newest complete checkpoint or None, the weights to start from): rank 0 finds them (dropping the temporary
+    directories of an interrupted save, making the base model if need be), the other ranks take them from it."""
+    found = None
+    if ranks.is_main:
+        checkpoint.clean(run_dir)
+        last = checkpoint.latest(run_dir)
+        found = (last, base_model(config, run_dir, log) if last is None else last)
+    return ranks.from_main(found)
+
+
+def _models(config: Config, start: Path, ranks: _Ranks,
+            owned: contextlib.ExitStack) -> tuple[_Ranks, RolloutModel, CausalLM, VLLMBackend | None]:
+    """(the ranks, this rank's sampler, the model the M-step trains, the vLLM engine or None), from `start`.
+
+    A plain fp32 process trains the sampler's own module in place: the next E-step reads it, which is the weight sync
+    of one process. With ranks, the M-step trains a second copy, fp32 and FSDP2-sharded as it loads, that computes in
+    the sampler's dtype through FSDP2's mixed precision; the sampler's copy stays whole and gets the trained weights
+    after each M-step."""
+    device = ranks.device(config.device)
+    policy = load_rollout_model(start, dtype=config.dtype, device=device)
+    compute = policy.model.dtype
+    if compute == torch.float16:
+        raise ValueError(f"{start} is float16: training computes in the model's dtype, and float16 gradients would "
+                         f"need loss scaling, which this trainer does not do: pass --dtype bfloat16 (or float32)")
+    if ranks.dist is None and compute != torch.float32:
+        # A bf16 model trained in place would round away AdamW's updates (at lr 1e-6, nearly all of them): one
+        # process trains like a torchrun rank instead, in a world of one.
+        ranks = _Ranks(owned.enter_context(world_of_one(torch.device(device))))
+    backend = None
+    if config.rollout_backend == "vllm":  # one engine per process, which its rank alone drives
+        backend = owned.enter_context(contextlib.closing(VLLMBackend(
+            start, config.vllm, dtype=config.dtype, seed=config.seed, per_rank=ranks.world > 1)))
+        policy = dataclasses.replace(policy, backend=backend)
+    dist = ranks.dist
+    if dist is None:
+        return ranks, policy, policy.model, backend
+    trained = CausalLM.from_pretrained(start, dtype="float32", device=device,
+                                       prepare=lambda model: shard(model, dist, compute_dtype=compute))
+    return ranks, policy, trained, backend
+
+
 def base_model(config: Config, run_dir: Path, log: Callable[[str], None]) -> Path:
-    """`--model`, or the embedded tiny model warmed up in RUN/warmup (made once: a complete directory is reused)."""
+    """`--model`, or the embedded tiny model warmed up in RUN/warmup (made once: a complete directory is reused). The
+    warm-up writes a temporary directory renamed when complete, so a killed warm-up restarts clean."""
     if config.model is not None:
         path = Path(config.model)
         if not (path / "config.json").is_file():
@@ -227,7 +306,9 @@ def base_model(config: Config, run_dir: Path, log: Callable[[str], None]) -> Pat
 
 
 def problems_of(config: Config) -> tuple[list[Problem], list[Problem]]:
-    """(training problems, held-out problems); see the module docstring."""
+    """(training problems, held-out problems): `--data` and `--eval_data`, or `--eval_problems` split off `--data`,
+    or the embedded task's train and held-out splits. The held-out set does not depend on `--seed`, so runs of
+    different seeds are scored on the same problems."""
     if config.data is None:
         train_set = [p.to_problem() for p in generate(max(config.problems_per_iter * config.iterations, 1),
                                                       seed=config.seed, split="train")]

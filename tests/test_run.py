@@ -34,7 +34,8 @@ def _weights(run_dir, iteration):
 def test_smoke_run_writes_every_report_file_and_trains(warm_model, tmp_path):
     out = tmp_path / "run"
     lines = []
-    records = train(_smoke(out, warm_model, keep_trainer_states=2), log=lines.append)
+    config = _smoke(out, warm_model, keep_trainer_states=2)
+    records = train(config, log=lines.append)
     assert [r["iteration"] for r in records] == [0, 1, 2]
     for name in ("config.json", "metrics.jsonl", "report.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -48,7 +49,10 @@ def test_smoke_run_writes_every_report_file_and_trains(warm_model, tmp_path):
     for r in records[1:]:
         assert r["estep/buffer"] > 0 and r["mstep/steps"] > 0 and r["mstep/skipped"] == 0
         assert math.isfinite(r["mstep/loss"]) and math.isfinite(r["mstep/grad_norm"])
-        assert 0 <= r["eval/pass_at_1"] <= 1
+    for r in records:  # pass@1 is the share of correct rows in the report saved with the iteration's checkpoint
+        rows = json.loads((out / "checkpoints" / f"iter_{r['iteration']:04d}" / "eval.json").read_text())["problems"]
+        assert len(rows) == config.eval_problems
+        assert r["eval/pass_at_1"] == sum(row["correct"] for row in rows) / config.eval_problems
     start, end = _weights(out, 0), _weights(out, 2)
     assert any(not torch.equal(start[k], end[k]) for k in start), "training changed no parameter"
     assert any(line.startswith("iter 2 | pass@1 ") for line in lines)
