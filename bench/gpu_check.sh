@@ -9,9 +9,6 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# acim_kernels is the kernels/ folder: expose it under its import name without installing.
-mkdir -p /tmp/acim_path && ln -sfn "$PWD/kernels" /tmp/acim_path/acim_kernels
-export PYTHONPATH="/tmp/acim_path:$PYTHONPATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 timeout 150 python -m pytest -q tests/test_policy_loss.py tests/test_paged_attention.py tests/test_model.py \
