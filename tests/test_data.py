@@ -12,7 +12,7 @@ import pytest
 
 from acim_fast.data import Problem, load_problems, shuffle, split
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BUNDLED = Path(__file__).resolve().parents[1] / "data"
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "set.jsonl") -> Path:
@@ -148,7 +148,7 @@ def test_problem_record_validates():
 
 @pytest.mark.parametrize("name,count", [("math500", 500), ("gsm8k", 1319), ("aime24", 30), ("amc23", 40)])
 def test_real_benchmarks_load(name, count):
-    problems = load_problems(SHARED_DATA / f"{name}.jsonl")
+    problems = load_problems(BUNDLED / f"{name}.jsonl")
     assert len(problems) == count
     assert len({p.id for p in problems}) == count
     assert all(p.source == name and p.problem and p.answer for p in problems)
@@ -164,7 +164,7 @@ def test_real_benchmarks_load(name, count):
 
 
 def test_real_split_is_exact_and_stable():
-    problems = load_problems(SHARED_DATA / "gsm8k.jsonl")
+    problems = load_problems(BUNDLED / "gsm8k.jsonl")
     train, held_out = split(problems, 0.1, seed=3)
     assert len(held_out) == 132 and len(train) == 1319 - 132  # 131.9 rounds to 132
     again = split(random.Random(0).sample(problems, len(problems)), 0.1, seed=3)

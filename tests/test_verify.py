@@ -19,7 +19,7 @@ import pytest
 from acim_fast.reward.verifier import VerifierPool, Verdict, verify_answer, verify_batch
 from acim_fast.reward.extract import extract_answer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # the bundled benchmarks
 TIMEOUT = 3.0  # per math-verify check in these tests; a normal check takes ~5 ms
 HUGE = r"\boxed{9^{9^{9^{9}}}}"  # sympy tries to evaluate it and never returns
 
@@ -264,7 +264,7 @@ def test_invalid_arguments_raise(pool):
 
 def _load(name: str) -> list[dict]:
     path = DATA / name
-    assert path.is_file(), f"shared data missing: {path} (tests expect shared/ beside the repository)"
+    assert path.is_file(), f"bundled data missing: {path}"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows, f"{path} is empty"
     return rows
