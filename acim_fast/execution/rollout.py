@@ -3,33 +3,24 @@
 What it does:
 - `RolloutLoop` drives an `Engine` and a `Sandbox` together. A sequence pauses on the stop string `CellFormat.close`
   (a fence at the start of a line); if that fence closes an open python cell, the cell's code (decoded from the
-  response, never re-tokenised) goes to the sandbox with the trajectory's history, and when it is done the output
-  block is tokenised ON ITS OWN and appended (loss mask 0, behaviour log-prob 0.0); the sequence then resumes. Any
-  other pause (an opening fence, a fence outside a cell) is resumed at once.
-- Cells of many trajectories run in parallel while the other sequences keep decoding: futures are polled before
-  every engine step, and the loop blocks on them only when no sequence can decode.
-- A cell replays its trajectory's earlier successful cells (`sandbox.next_history`): a failed cell is not replayed.
-- Caps per trajectory: at most `max_code_calls` cells are run; a cell past the cap is not run and gets an output
-  block holding `CellFormat.limit_notice` (status "limit"), so the model can still finish in prose. Each appended
-  block is at most `max_tool_tokens` tokens and never takes the response past its `max_new_tokens`: the output
-  text keeps its head and tail around `CellFormat.truncated`. A cell is run only if a block with a fully truncated
-  output still fits in the response; otherwise the trajectory ends there with finish_reason "length".
-- A model that writes the output block itself (hallucinated output) is cut at the fence that closes its cell:
-  what it already generated stays, with loss mask 1, and the appended text continues from it (after
-  "```python ... ```output\\n" written by the model, only the real output and the closing fence are appended).
-  A fence or "```output" outside an open python cell runs nothing.
-- Sequences the caller already added to the engine can be handed to the loop (`submit`), and `fork` forks a
-  trajectory, its children inheriting the cells before the fork point. Rewards come from the verifier, in one batch
-  when `run_until_done` returns (the text verified is the whole response, tool output included).
-- `on_cell(seq_id, open_at, index)`, if given, is called when a trajectory closes a python cell, before the cell runs
-  (`open_at`: the response token where the cell opens; `index`: the cells the trajectory had before it). It may
-  `fork` the trajectory at or before `open_at`: the E-step's decision-point forking.
+  response, never re-tokenised) goes to the sandbox with the trajectory's history (its earlier successful cells),
+  and the output block, tokenised ON ITS OWN, is appended (loss mask 0, behaviour log-prob 0.0); the sequence then
+  resumes. Any other pause is resumed at once. Cells of many trajectories run in parallel while the others decode.
+- Caps per trajectory: at most `max_code_calls` cells run; a later cell gets `CellFormat.limit_notice` (status
+  `CellStatus.LIMIT`). An output block is at most `max_tool_tokens` and never takes the response past
+  `max_new_tokens` (its text keeps head and tail around `CellFormat.truncated`); a cell is run only if a fully
+  truncated block still fits, otherwise the trajectory ends with finish_reason "length".
+- An output block the model writes itself is cut at the fence that closes its cell: what it wrote stays (loss
+  mask 1) and the real output continues it. A fence outside an open python cell runs nothing.
+- `submit` drives sequences the caller added; `fork` forks a trajectory (children inherit the cells before the
+  fork point); `on_cell(seq_id, open_at, index)` is called when a cell closes, before it runs, and may fork there.
+  Rewards come from the verifier in one batch when `run_until_done` returns (it reads the whole response).
+- `rollout_engine`: a rollout engine whose KV pool is sized for a number of sequences of a given length.
 
-What it does not do: prompts or chat templates (a cell opened inside the prompt is not seen: only response text is
-parsed), fences other than `CellFormat`'s (e.g. "```py"), closing fences that do not start a line, running a cell
-closed by the last token the sequence may have (nothing could be appended after it), decision-point forking policy
-(the E-step decides it in `on_cell`), or training. Every sequence of the engine must belong to the loop while it
-steps.
+What it does not do: prompts or chat templates (only response text is parsed), fences other than `CellFormat`'s,
+closing fences that do not start a line, running a cell closed by the last token the sequence may have,
+decision-point forking policy (the E-step's `on_cell`), or training. Every sequence of the engine must belong to
+the loop while it steps.
 """
 
 from __future__ import annotations
@@ -37,17 +28,29 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from acim_fast.execution.prompts import CellFormat
 from acim_fast.engine.paged_engine import Engine
 from acim_fast.engine.sampling import SamplingParams, SeqOutput
-from acim_fast.execution.sandbox import Result, Sandbox, next_history
+from acim_fast.execution.sandbox import CellStatus, Result, Sandbox, next_history
 from acim_fast.reward.verifier import Verdict, verify_batch
+
+if TYPE_CHECKING:
+    from acim_fast.execution.rollout_model import RolloutModel
 
 # Rewards need an answer the model stated (a box, '####', 'the answer is'): with the last-number fallback, a
 # number printed by a trailing tool output would count as the model's answer.
 verify_stated = functools.partial(verify_batch, last_number=False)
+
+KV_BLOCK_SIZE = 16  # tokens per KV block of a rollout engine
+
+
+def rollout_engine(model: RolloutModel, *, seq_tokens: int, pool_seqs: int, **options: Any) -> Engine:
+    """`model.engine(...)` whose KV pool holds `pool_seqs` sequences of up to `seq_tokens` tokens (prompt +
+    response) each; `options` are the other `Engine` keywords (`max_num_seqs`, `detokenize`, ...)."""
+    per_seq = -(-seq_tokens // KV_BLOCK_SIZE)
+    return model.engine(num_blocks=per_seq * pool_seqs, block_size=KV_BLOCK_SIZE, **options)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Cell:
     """One closed python cell of a trajectory; positions are indices into the response tokens."""
 
     code: str
-    status: str  # a sandbox status ("ok", "error", "timeout", "memory", "killed"), or "limit": not run (cap)
+    status: CellStatus  # LIMIT: not run (the code-call cap)
     output: str  # the text shown inside the output block (after truncation)
     truncated: bool  # the loop cut the output to fit the token budget
     open_at: int  # the token where the cell's opening fence starts
@@ -88,24 +91,16 @@ class RolloutRecord:
 
     @property
     def code_calls(self) -> int:
-        return sum(c.status != "limit" for c in self.cells)
-
-    @property
-    def cell_statuses(self) -> list[str]:
-        return [c.status for c in self.cells]
+        return sum(c.status != CellStatus.LIMIT for c in self.cells)
 
     @property
     def errors(self) -> int:
-        """Cells that failed other than by timing out ("error", "memory", "killed")."""
-        return sum(c.status in ("error", "memory", "killed") for c in self.cells)
+        """Cells that failed other than by timing out."""
+        return sum(c.status in (CellStatus.ERROR, CellStatus.MEMORY, CellStatus.KILLED) for c in self.cells)
 
     @property
     def timeouts(self) -> int:
-        return sum(c.status == "timeout" for c in self.cells)
-
-    @property
-    def truncated_outputs(self) -> int:
-        return sum(c.truncated for c in self.cells)
+        return sum(c.status == CellStatus.TIMEOUT for c in self.cells)
 
     @property
     def tool_tokens(self) -> int:
@@ -199,7 +194,7 @@ class RolloutLoop:
                                  f"response tokens of sequence {seq_id}: {c!r:.200}")
             end = c.end_at
         # What `next_history` would have built cell by cell: the successful cells only.
-        history = tuple(c.code for c in cells if c.status == "ok")
+        history = tuple(c.code for c in cells if c.status == CellStatus.OK)
         traj = _Trajectory(seq_id=seq_id, gold=gold, cells=cells, history=history, scan=end,
                            first_code_token=cells[0].open_at if cells else None)
         self._trajs[seq_id] = traj
@@ -301,8 +296,8 @@ class RolloutLoop:
             self.engine.release(traj.seq_id)
             self._finish(traj, replace(out, finish_reason="length", stop_string=None))
             return [traj.seq_id]
-        if sum(c.status != "limit" for c in traj.cells) >= self.max_code_calls:
-            self._append(traj, closed, "limit", fmt.limit_notice)
+        if sum(c.status != CellStatus.LIMIT for c in traj.cells) >= self.max_code_calls:
+            self._append(traj, closed, CellStatus.LIMIT, fmt.limit_notice)
         else:
             traj.pending = (self.sandbox.submit(code, traj.history), closed)
         return []
@@ -325,7 +320,7 @@ class RolloutLoop:
     def _room(self, traj: _Trajectory, closed: _Closed) -> int:
         return min(self.max_tool_tokens, self.engine.params(traj.seq_id).max_new_tokens - closed.close_at)
 
-    def _append(self, traj: _Trajectory, closed: _Closed, status: str, output: str) -> None:
+    def _append(self, traj: _Trajectory, closed: _Closed, status: CellStatus, output: str) -> None:
         """Tokenise the output block (only it) within the room left, append it, and record the cell."""
         budget = self._room(traj, closed)
 
@@ -384,14 +379,3 @@ def _cut(text: str, keep: int, marker: str) -> str:
     head = (keep + 1) // 2
     return text[:head] + marker + text[len(text) - (keep - head):]
 
-
-def run_rollouts(engine: Engine, sandbox: Sandbox, prompts: list[list[int]], golds: list[str],
-                 params: SamplingParams, *, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-                 **loop_options) -> list[RolloutRecord]:
-    """One rollout per prompt, records in prompt order (`RolloutLoop` options as keywords)."""
-    if len(prompts) != len(golds):
-        raise ValueError(f"prompts and golds differ in length: {len(prompts)} != {len(golds)}")
-    loop = RolloutLoop(engine, sandbox, encode=encode, decode=decode, **loop_options)
-    for prompt, gold in zip(prompts, golds):
-        loop.add(prompt, gold, params)
-    return loop.run_until_done()
