@@ -1,15 +1,27 @@
-"""acim_fast.train.estep: the reference strategy, whitening, subsampling and samples by hand; exploration on the warmed-up
-tiny model (forking from one prompt, forced decisions, decision-point siblings, determinism)."""
+"""acim_fast.train.estep: the reference strategy, whitening, subsampling and samples by hand; exploration on the
+warmed-up tiny model (forking from one prompt, forced decisions, decision-point siblings, determinism)."""
 
 import math
 import random
 
 import pytest
 
-from acim_fast.train.estep import (EStepConfig, EStepResult, ProblemStats, Sample, _Origin, _sample, build_buffer, explore, reference_strategy, subsample, whiten)
+from acim_fast.embedded.task import generate
 from acim_fast.execution.prompts import CODE_TRIGGER
 from acim_fast.execution.rollout import RolloutRecord
-from acim_fast.embedded.task import generate
+from acim_fast.train.estep import (
+    EStepConfig,
+    EStepResult,
+    ProblemStats,
+    Sample,
+    _Origin,
+    _sample,
+    build_buffer,
+    explore,
+    reference_strategy,
+    subsample,
+    whiten,
+)
 
 # -- the reference strategy --
 
@@ -199,7 +211,15 @@ def test_explore_is_deterministic_and_grpo_samples_unguided(policy, sandbox):
     assert merged.metrics["estep/rollouts"] == a.metrics["estep/rollouts"]
     g = explore(policy, PROBLEMS[:3], cfg, algo="grpo", sandbox=sandbox, seed=5, iteration=2)
     assert g.metrics["estep/rollouts"] == 3 * 6 and {s.origin for s in g.samples} == {"free"}
-    assert all(s.decision_mask for s in g.samples)
+    for s in g.samples:  # one decision token, chosen by the model: where its first cell opens, or its first token
+        (at,) = [i for i, d in enumerate(s.decision_mask) if d]
+        text = policy.decode(s.response_ids)
+        assert s.loss_mask[at] == 1
+        if s.decision == "code":
+            assert policy.decode(s.response_ids[at:]).startswith("```python") and "```python" not in \
+                policy.decode(s.response_ids[:at])
+        else:
+            assert at == 0 and "```python" not in text
 
 
 @pytest.mark.parametrize("field, value", [("k_free", 0), ("k_code", -1), ("decision_fork", "always"),

@@ -1,49 +1,26 @@
 """The E-step: explore both decisions for each problem, estimate how well each works, and build the training buffer.
 
-What it does, per problem (`explore`):
-- Rollouts forked from ONE shared prompt: a first unguided rollout is added to the engine; once its prompt is
-  computed, every other rollout of the problem is forked from it at the end of the prompt, so the prompt's KV blocks
-  are computed once and shared copy-on-write. Per problem: `k_free` unguided rollouts (the model decides, estimating
-  pi(code|x)), `k_code` with code forced by the code prefix of `prompts.build_prompt` (its ids appended as forced
-  response tokens: loss mask 0, not the model's choice; the first forced-code rollout computes them and the others
-  fork from it) and `k_prose` with prose forced by banning the fence-start ids at every step (`RolloutModel.fence_ids`).
-  With `algo="grpo"` all `k_free + k_code + k_prose` are unguided.
-- Decision-point forking (`decision_fork`): when a rollout closes a python cell, before it runs, a sibling is forked
-  at the token where the cell opened, forbidden to open it there and banned from opening any cell afterwards (it
-  continues in prose). "first": at a rollout's first cell only; "every": at each cell; at most `fork_cap` siblings
-  per problem. Siblings share the prefix KV blocks, so each gives a paired sample of "code here" vs "no code here"
-  for the cost of its own suffix. A sibling's decision is "prose" when it forked at the first cell.
-- Estimates: the decision of a rollout is "code" iff it opened a python cell. pi_hat(code|x) = the share of unguided
-  rollouts that did (0.5 when there are none); Q_hat(x, c) = mean reward of ALL rollouts whose decision is c (forced,
-  unguided and siblings alike; 0 with no such rollout).
-- The reference strategy `reference_strategy` (`s_star`), from w_c = pi_hat(c|x) Q_hat(x,c) with pi_hat floored at
-  `pi_floor` (so that a decision the model never takes can still win when it alone succeeds):
-  "posterior" s*(code) = w_code / (w_code + w_prose); "tempered" softmax(alpha * w); "hardmax" 1 for the larger w,
-  ties to prose (when both work equally, the answer without a tool call is preferred, as evaluation's oracle does).
-  With w_code = w_prose = 0 there is no evidence: None. A fourth form, "value", leaves pi_hat out: code iff
-  Q_hat(x, code) > Q_hat(x, prose) + `margin`. The forms weighted by pi_hat reinforce whatever the model already
-  does more often (see the README's experiment); "value" asks only which decision works, prose unless code is
-  clearly better.
-- Dropping: a problem whose rollouts all fail carries no signal (`drop="all_fail"`); with `drop="uniform"` so does one
-  whose rollouts all got the same reward. (A problem that every rollout solves still teaches the decision through the
-  cross-entropy term: s* prefers prose there.)
-- Advantages: rewards whitened within a group, (r - mean) / (std + 1e-6), 0 when the group's rewards are equal;
-  groups: all rollouts of the problem (`advantage_group="problem"`) or those of one decision ("decision").
-- The buffer (`build_buffer`): per kept problem `buffer_per_problem` samples whose decision mix follows s*: round(s* B)
-  code samples and the rest prose, drawn without replacement from that decision's rollouts, then repeated in the same
-  shuffled order when a decision has fewer rollouts than its share (so the mix holds). `grpo`: every rollout of every
-  kept problem, once.
-- Samples (`Sample`): the prompt ids and the response as the trainer sees it. With `keep_trigger=False` (default) the
-  forced code prefix is cut out, so a forced-code sample reads as a response the model chose by itself (the prompt
-  carries no methodology instruction in training); its behaviour log-probs stay those of the sampler, which saw the
-  prefix: the importance ratio of the M-step corrects for that (`off_context` marks such samples). With
-  `keep_trigger=True` the prefix stays as masked response tokens. `decision_mask` flags the decision token for the
-  M-step's cross-entropy (`LossConfig.sft_coef`): for a code sample the token where its first code fence starts; for
-  a prose sample the token where it chose prose: its first response token (after a cut prefix), or for a sibling the
-  token sampled where the cell was forbidden.
+What it does (`explore`), per problem:
+- Rollouts: `k_free` unguided (the model decides), `k_code` with code forced by the code prefix (appended as forced
+  response tokens, loss mask 0), `k_prose` with prose forced by banning the fence-start ids at every step; with
+  `algo=grpo` all of them unguided. All are forked from one root rollout once its prompt is computed (the forced-code
+  ones from the first forced-code rollout once the prefix is), sharing KV blocks copy-on-write.
+- Decision-point forking (`decision_fork` first | every, at most `fork_cap` per problem): when a rollout closes a
+  python cell, before it runs, a sibling is forked where the cell opened and banned from opening any cell.
+- Estimates: a rollout's decision is code iff it opened a python cell. pi_hat(code|x) = share of unguided rollouts
+  that did (0.5 with none); Q_hat(x, c) = mean reward of all rollouts whose decision is c (0 with none).
+- `reference_strategy` s*(code|x) from w_c = pi_hat(c|x) Q_hat(x, c), pi_hat clipped by `pi_floor`: posterior,
+  tempered (softmax of alpha w), hardmax (ties to prose), or value (code iff Q_hat(code) > Q_hat(prose) + margin).
+- Problems without signal are dropped (`drop`); rewards are whitened per problem or per decision
+  (`advantage_group`); `build_buffer` draws `buffer_per_problem` samples per kept problem whose decision mix
+  follows s* (grpo: every rollout once).
+- `Sample`: the response as trained on. Unless `keep_trigger`, the forced code prefix is cut (`off_context` marks
+  such samples: the M-step's importance ratio corrects for it). `decision_mask` flags the decision token: the first
+  code fence of a code sample; for a prose sample its first chosen token, or for a sibling the token where the
+  cell was forbidden.
 
-What it does not do: train, recompute log-probs with the training forward (the M-step does, see
-`mstep.recompute_logprobs`), or choose problems (the caller passes them).
+What it does not do: train, recompute log-probs with the training forward (`mstep.recompute_logprobs`), or choose
+problems (the caller passes them).
 """
 
 from __future__ import annotations
@@ -58,14 +35,14 @@ from typing import Any, Sequence
 
 import tqdm
 
-from acim_fast.data import Problem
 from acim_fast.common.fields import Choice, check_int, option
-from acim_fast.execution.rollout_model import RolloutModel
-from acim_fast.execution.rollout import RolloutLoop, RolloutRecord
 from acim_fast.common.hashing import stable_seed
+from acim_fast.data import Problem
 from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.prompts import Decision
+from acim_fast.execution.rollout import RolloutLoop, RolloutRecord, rollout_engine
+from acim_fast.execution.rollout_model import RolloutModel
 from acim_fast.execution.sandbox import Sandbox
-
 
 
 class Algo(Choice):
@@ -73,11 +50,21 @@ class Algo(Choice):
 
     EM = "em"
     GRPO = "grpo"
+
+
+class Origin(Choice):
+    """How a rollout was started: unguided, with code or prose forced, or as a decision-point sibling."""
+
+    FREE = "free"
+    CODE = "code"
+    PROSE = "prose"
+    FORK = "fork"
+
+
 FORKS = ("off", "first", "every")
 FORMS = ("posterior", "tempered", "hardmax", "value")
 DROPS = ("all_fail", "uniform")
 GROUPS = ("problem", "decision")
-_BLOCK_SIZE = 16
 
 
 @dataclass(kw_only=True, slots=True)
@@ -176,7 +163,7 @@ def subsample(pools: dict[str, list[int]], s_code: float, size: int, rng: random
     whose pool is empty is left out (the buffer of that problem is then smaller)."""
     n_code = round(s_code * size)
     chosen: list[int] = []
-    for decision, n in (("code", n_code), ("prose", size - n_code)):
+    for decision, n in ((Decision.CODE, n_code), (Decision.PROSE, size - n_code)):
         pool = list(pools.get(decision, ()))
         if n == 0 or not pool:
             continue
@@ -192,8 +179,8 @@ class Sample:
     """One training sequence. Response lists are aligned; tool-output (and kept prefix) tokens have loss mask 0."""
 
     problem: int  # index into the problems given to `explore`
-    origin: str  # "free" | "code" | "prose" (forced) | "fork" (a decision-point sibling)
-    decision: str  # "code" | "prose"
+    origin: Origin
+    decision: Decision
     prompt_ids: list[int]
     response_ids: list[int]
     behaviour_logprobs: list[float]
@@ -254,7 +241,7 @@ class EStepResult:
 @dataclass(eq=False)
 class _Origin:
     problem: int
-    kind: str  # see Sample.origin
+    kind: Origin
     prefix: int  # forced response tokens at the start (the code prefix), cut from the sample unless kept
     fork_at: int | None = None  # response index where a sibling was forked
 
@@ -268,7 +255,7 @@ def explore(policy: RolloutModel, problems: Sequence[Problem], cfg: EStepConfig,
     if not problems:
         raise ValueError("explore needs at least one problem")
     start = time.monotonic()
-    records, origins, engine_stats = _rollouts(policy, problems, cfg, algo, sandbox, seed, iteration)
+    records, origins, engine_stats = _Rollouts(policy, problems, cfg, algo, sandbox, seed, iteration).run()
     per_problem: list[list[int]] = [[] for _ in problems]
     for i, o in enumerate(origins):
         per_problem[o.problem].append(i)
@@ -276,14 +263,14 @@ def explore(policy: RolloutModel, problems: Sequence[Problem], cfg: EStepConfig,
     samples: list[Sample | None] = [None] * len(records)
     stats: list[ProblemStats] = []
     for p, idx in enumerate(per_problem):
-        decisions = ["code" if records[i].used_code else "prose" for i in idx]
+        decisions = [Decision.CODE if records[i].used_code else Decision.PROSE for i in idx]
         rewards = [records[i].reward for i in idx]
-        free = [records[i].used_code for i in idx if origins[i].kind == "free"]
+        free = [records[i].used_code for i in idx if origins[i].kind == Origin.FREE]
         pi_code = sum(free) / len(free) if free else 0.5
-        q = {c: [r for r, d in zip(rewards, decisions) if d == c] for c in ("code", "prose")}
-        q_code = sum(q["code"]) / len(q["code"]) if q["code"] else 0.0
-        q_prose = sum(q["prose"]) / len(q["prose"]) if q["prose"] else 0.0
-        if algo == "grpo":
+        q = {c: [r for r, d in zip(rewards, decisions) if d == c] for c in Decision}
+        q_code = sum(q[Decision.CODE]) / len(q[Decision.CODE]) if q[Decision.CODE] else 0.0
+        q_prose = sum(q[Decision.PROSE]) / len(q[Decision.PROSE]) if q[Decision.PROSE] else 0.0
+        if algo == Algo.GRPO:
             s_code = None
             dropped = min(rewards) == max(rewards)  # no advantage anywhere: GRPO learns nothing from it
         else:
@@ -292,9 +279,9 @@ def explore(policy: RolloutModel, problems: Sequence[Problem], cfg: EStepConfig,
             dropped = (s_code is None or max(rewards) == 0
                        or (cfg.drop == "uniform" and min(rewards) == max(rewards)))
         stats.append(ProblemStats(key=f"{problems[p].source}/{problems[p].id}", pi_code=pi_code, q_code=q_code,
-                                  q_prose=q_prose, n_code=len(q["code"]), n_prose=len(q["prose"]), s_code=s_code,
-                                  dropped=dropped))
-        groups = decisions if cfg.advantage_group == "decision" and algo == "em" else [0] * len(idx)
+                                  q_prose=q_prose, n_code=len(q[Decision.CODE]), n_prose=len(q[Decision.PROSE]),
+                                  s_code=s_code, dropped=dropped))
+        groups = decisions if cfg.advantage_group == "decision" and algo == Algo.EM else [0] * len(idx)
         for i, d, a in zip(idx, decisions, whiten(rewards, groups)):
             samples[i] = _sample(records[i], origins[i], d, a, cfg.keep_trigger)
 
@@ -317,21 +304,21 @@ def build_buffer(samples: Sequence[Sample], stats: Sequence[ProblemStats], cfg: 
     for p, idx in sorted(by_problem.items()):
         if stats[p].dropped:
             continue
-        if algo == "grpo":
+        if algo == Algo.GRPO:
             buffer += [samples[i] for i in idx]
             continue
-        pools = {c: [i for i in idx if samples[i].decision == c] for c in ("code", "prose")}
+        pools = {c: [i for i in idx if samples[i].decision == c] for c in Decision}
         rng = random.Random(stable_seed("buffer", seed, iteration, stats[p].key))
         buffer += [samples[i] for i in subsample(pools, stats[p].s_code, cfg.buffer_per_problem, rng)]
     return buffer
 
 
-def _sample(record: RolloutRecord, origin: _Origin, decision: str, advantage: float, keep_trigger: bool) -> Sample:
+def _sample(record: RolloutRecord, origin: _Origin, decision: Decision, advantage: float, keep_trigger: bool) -> Sample:
     cut = 0 if keep_trigger else origin.prefix
     response = record.response_ids[cut:]
     mask = record.loss_mask[cut:]
     decision_mask = [0] * len(response)
-    if decision == "code":
+    if decision == Decision.CODE:
         at = record.first_code_token - cut
     elif origin.fork_at is not None:
         at = origin.fork_at - cut
@@ -345,113 +332,131 @@ def _sample(record: RolloutRecord, origin: _Origin, decision: str, advantage: fl
                   off_context=cut > 0)
 
 
-def _rollouts(policy: RolloutModel, problems: list[Problem], cfg: EStepConfig, algo: str, sandbox: Sandbox, seed: int,
-              iteration: int) -> tuple[list[RolloutRecord], list[_Origin], dict[str, int]]:
-    """Every rollout of every problem, with where each came from. A problem's whole group is admitted while fewer
-    than `max_num_seqs` rollouts are in flight, so the batch stays full; the pool is sized for `max_num_seqs`
+class _Rollouts:
+    """Every rollout of one E-step, with where each came from (`run`). A problem's whole group is admitted while
+    fewer than `max_num_seqs` rollouts are in flight, so the batch stays full; the pool is sized for `max_num_seqs`
     sequences, and the engine preempts (and later recomputes) the youngest if the overflow outgrows it."""
-    k_free, k_code, k_prose = ((cfg.k_free + cfg.k_code + cfg.k_prose, 0, 0) if algo == "grpo"
-                               else (cfg.k_free, cfg.k_code, cfg.k_prose))
-    group = k_free + k_code + k_prose
-    prompts = [policy.prompt_ids(p.problem) for p in problems]
-    prefix_len = max(len(t) for _, t in prompts)
-    per_seq = -(-(max(len(ids) for ids, _ in prompts) + prefix_len + cfg.max_new_tokens) // _BLOCK_SIZE)
-    max_num_seqs = max(cfg.max_num_seqs, group)
-    engine = policy.engine(num_blocks=per_seq * max_num_seqs, block_size=_BLOCK_SIZE, max_num_seqs=max_num_seqs,
-                           detokenize=policy.decode)
-    fence = policy.fence_ids
-    base = SamplingParams(temperature=cfg.temperature, train_temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, stop_token_ids=policy.stop_token_ids)
-    prose_params = replace(base, banned_token_ids=fence)
 
-    def code_params(trigger: list[int]) -> SamplingParams:
+    def __init__(self, policy: RolloutModel, problems: list[Problem], cfg: EStepConfig, algo: Algo, sandbox: Sandbox,
+                 seed: int, iteration: int) -> None:
+        self.problems, self.cfg, self.algo, self.seed, self.iteration = problems, cfg, algo, seed, iteration
+        total = cfg.k_free + cfg.k_code + cfg.k_prose
+        self.k_free, self.k_code, self.k_prose = ((total, 0, 0) if algo == Algo.GRPO
+                                                  else (cfg.k_free, cfg.k_code, cfg.k_prose))
+        self.group = total
+        self.prompts = [policy.prompt_ids(p.problem) for p in problems]  # (prompt ids, code prefix ids) each
+        longest = max(len(ids) for ids, _ in self.prompts) + max(len(t) for _, t in self.prompts)
+        self.max_num_seqs = max(cfg.max_num_seqs, self.group)
+        self.engine = rollout_engine(policy, seq_tokens=longest + cfg.max_new_tokens, pool_seqs=self.max_num_seqs,
+                                     max_num_seqs=self.max_num_seqs, detokenize=policy.decode)
+        self.loop = RolloutLoop(self.engine, sandbox, encode=policy.encode, decode=policy.decode,
+                                max_code_calls=cfg.max_code_calls, max_tool_tokens=cfg.max_tool_tokens,
+                                on_cell=self._on_cell)
+        self.fence = policy.fence_ids
+        self.base = SamplingParams(temperature=cfg.temperature, train_temperature=cfg.temperature,
+                                   max_new_tokens=cfg.max_new_tokens, stop_token_ids=policy.stop_token_ids)
+        self.origins: dict[int, _Origin] = {}
+        self.siblings = [0] * len(problems)  # decision-point siblings forked per problem
+        self.waiting = list(range(len(problems)))  # problems not started
+        # Rollouts still to fork: from a root once its prompt is computed, from a code root once its prefix is.
+        self.roots: dict[int, int] = {}  # root seq id -> problem
+        self.code_roots: dict[int, int] = {}  # first forced-code rollout -> problem
+        self.finished: set[int] = set()
+
+    def run(self) -> tuple[list[RolloutRecord], list[_Origin], dict[str, int]]:
+        bar = tqdm.tqdm(total=len(self.problems) * self.group, desc=f"E-step rollouts ({self.algo})",
+                        disable=not sys.stderr.isatty())
+        while self.waiting or self.roots or self.code_roots or self.loop.has_unfinished():
+            self._admit()
+            done = self.loop.step()
+            self.finished.update(done)
+            bar.total = len(self.origins) + self._pending() + len(self.waiting) * self.group  # siblings add to it
+            bar.update(len(done))
+            self._fork_groups()
+            self._fork_code_groups()
+        bar.close()
+        records = self.loop.run_until_done()
+        return records, [self.origins[r.seq_id] for r in records], dataclasses.asdict(self.engine.stats)
+
+    def _pending(self) -> int:
+        """Rollouts not forked yet from the roots and code roots waiting for their prefix."""
+        return (self.group - 1) * len(self.roots) + (self.k_code - 1) * len(self.code_roots)
+
+    def _admit(self) -> None:
+        """Start problems while fewer than max_num_seqs rollouts are in flight (started and not finished, siblings
+        included, plus those still to fork): the batch stays full, and the engine holds the overflow (at most one
+        group) until sequences finish."""
+        while self.waiting and len(self.origins) - len(self.finished) + self._pending() < self.max_num_seqs:
+            p = self.waiting.pop(0)
+            problem = self.problems[p]
+            params = replace(self.base, seed=stable_seed("estep", self.seed, self.iteration, problem.source,
+                                                         problem.id))
+            root = self.loop.add(self.prompts[p][0], problem.answer, params)
+            self.origins[root] = _Origin(problem=p, kind=Origin.FREE, prefix=0)
+            self.roots[root] = p
+
+    def _fork_groups(self) -> None:
+        """Fork each root's group once its prompt is computed (it sampled its first token), sharing those blocks."""
+        for root, p in list(self.roots.items()):
+            if not self.engine.output(root).token_ids and root not in self.finished:
+                continue
+            del self.roots[root]
+            ids, trigger = self.prompts[p]
+            self._spawn(root, p, self.k_free - 1, len(ids), self.base, Origin.FREE, [])
+            self._spawn(root, p, self.k_prose, len(ids), replace(self.base, banned_token_ids=self.fence),
+                        Origin.PROSE, [])
+            if self.k_code:
+                (code_root,) = self._spawn(root, p, 1, len(ids), self._code_params(trigger), Origin.CODE, trigger)
+                if self.k_code > 1:
+                    self.code_roots[code_root] = p
+
+    def _fork_code_groups(self) -> None:
+        """The other forced-code rollouts fork from the first once it has computed the prefix."""
+        for code_root, p in list(self.code_roots.items()):
+            ids, trigger = self.prompts[p]
+            if len(self.engine.output(code_root).token_ids) <= len(trigger) and code_root not in self.finished:
+                continue
+            del self.code_roots[code_root]
+            self._spawn(code_root, p, self.k_code - 1, len(ids) + len(trigger), self._code_params(trigger),
+                        Origin.CODE, [])
+
+    def _code_params(self, trigger: list[int]) -> SamplingParams:
         # The code prefix is extra: every mode leaves the model the same max_new_tokens of its own.
-        return replace(base, max_new_tokens=base.max_new_tokens + len(trigger))
+        return replace(self.base, max_new_tokens=self.base.max_new_tokens + len(trigger))
 
-    origins: dict[int, _Origin] = {}
-    siblings = [0] * len(problems)
-
-    def on_cell(seq_id: int, open_at: int, index: int) -> None:
-        origin = origins[seq_id]
-        if (algo == "grpo" or cfg.decision_fork == "off" or (cfg.decision_fork == "first" and index > 0)
-                or siblings[origin.problem] >= cfg.fork_cap or origin.kind == "fork"):
-            return
-        params = loop.engine.params(seq_id)
-        prose = replace(params, banned_token_ids=params.banned_token_ids + fence)
-        prompt_len = len(loop.engine.output(seq_id).prompt_ids)
-        (child,) = loop.fork(seq_id, 1, at=prompt_len + open_at, forbid=fence, params=prose)
-        origins[child] = _Origin(problem=origin.problem, kind="fork", prefix=origin.prefix, fork_at=open_at)
-        siblings[origin.problem] += 1
-
-    loop = RolloutLoop(engine, sandbox, encode=policy.encode, decode=policy.decode,
-                       max_code_calls=cfg.max_code_calls, max_tool_tokens=cfg.max_tool_tokens, on_cell=on_cell)
-    bar = tqdm.tqdm(total=len(problems) * group, desc=f"E-step rollouts ({algo})", disable=not sys.stderr.isatty())
-    waiting = list(range(len(problems)))  # problems not started
-    # Rollouts still to fork: from a root once its prompt is computed, from a code root once its prefix is.
-    roots: dict[int, int] = {}  # root seq id -> problem
-    code_roots: dict[int, int] = {}  # first forced-code rollout -> problem
-    finished: set[int] = set()
-
-    def spawn(parent: int, p: int, n: int, at: int, params: SamplingParams, kind: str, append: list[int]) -> list[int]:
+    def _spawn(self, parent: int, p: int, n: int, at: int, params: SamplingParams, kind: Origin,
+               append: list[int]) -> list[int]:
         """n rollouts of problem p forked from `parent` at `at` (started fresh if it already ended), each with
         `append` added as forced response tokens."""
-        ids, trigger = prompts[p]
         if n == 0:
             return []
-        if parent in finished:  # it ended at its first sampled token: nothing to fork from
-            problem = problems[p]
-            children = [loop.add(ids, problem.answer, replace(params, seed=stable_seed(
-                "estep", seed, iteration, problem.source, problem.id, kind, j))) for j in range(n)]
-            append = trigger if kind == "code" else []
+        ids, trigger = self.prompts[p]
+        if parent in self.finished:  # it ended at its first sampled token: nothing to fork from
+            problem = self.problems[p]
+            children = [self.loop.add(ids, problem.answer, replace(params, seed=stable_seed(
+                "estep", self.seed, self.iteration, problem.source, problem.id, kind, j))) for j in range(n)]
+            append = trigger if kind == Origin.CODE else []
         else:
-            children = loop.fork(parent, n, at=at, params=params)
+            children = self.loop.fork(parent, n, at=at, params=params)
         for child in children:
             if append:
-                engine.append(child, append)  # loss mask 0: not the model's choice
-            origins[child] = _Origin(problem=p, kind=kind, prefix=len(trigger) if kind == "code" else 0)
+                self.engine.append(child, append)  # loss mask 0: not the model's choice
+            self.origins[child] = _Origin(problem=p, kind=kind, prefix=len(trigger) if kind == Origin.CODE else 0)
         return children
 
-    def pending() -> int:
-        return (group - 1) * len(roots) + (k_code - 1) * len(code_roots)
-
-    while waiting or roots or code_roots or loop.has_unfinished():
-        # Rollouts in flight: started (origins, siblings included) and not finished, plus those still to fork. A
-        # problem is admitted while fewer than max_num_seqs are in flight: the batch stays full, and the engine holds
-        # the overflow (at most one group) until sequences finish.
-        while waiting and len(origins) - len(finished) + pending() < max_num_seqs:
-            p = waiting.pop(0)
-            problem = problems[p]
-            params = replace(base, seed=stable_seed("estep", seed, iteration, problem.source, problem.id))
-            root = loop.add(prompts[p][0], problem.answer, params)
-            origins[root] = _Origin(problem=p, kind="free", prefix=0)
-            roots[root] = p
-        done = loop.step()
-        finished.update(done)
-        bar.total = len(origins) + pending() + len(waiting) * group  # siblings add to it
-        bar.update(len(done))
-        for root, p in list(roots.items()):
-            # Fork the group once the root's prompt is computed (it sampled its first token), sharing those blocks.
-            if not engine.output(root).token_ids and root not in finished:
-                continue
-            del roots[root]
-            ids, trigger = prompts[p]
-            spawn(root, p, k_free - 1, len(ids), base, "free", [])
-            spawn(root, p, k_prose, len(ids), prose_params, "prose", [])
-            if k_code:
-                (code_root,) = spawn(root, p, 1, len(ids), code_params(trigger), "code", trigger)
-                if k_code > 1:
-                    code_roots[code_root] = p
-        for code_root, p in list(code_roots.items()):
-            # The other forced-code rollouts fork from the first once it has computed the prefix.
-            ids, trigger = prompts[p]
-            if len(engine.output(code_root).token_ids) <= len(trigger) and code_root not in finished:
-                continue
-            del code_roots[code_root]
-            spawn(code_root, p, k_code - 1, len(ids) + len(trigger), code_params(trigger), "code", [])
-    bar.close()
-    records = loop.run_until_done()
-    stats = dataclasses.asdict(engine.stats)
-    return records, [origins[r.seq_id] for r in records], stats
+    def _on_cell(self, seq_id: int, open_at: int, index: int) -> None:
+        """Decision-point forking: a sibling forked where the cell opened, banned from opening any cell."""
+        origin = self.origins[seq_id]
+        cfg = self.cfg
+        if (self.algo == Algo.GRPO or cfg.decision_fork == "off" or (cfg.decision_fork == "first" and index > 0)
+                or self.siblings[origin.problem] >= cfg.fork_cap or origin.kind == Origin.FORK):
+            return
+        params = self.engine.params(seq_id)
+        prose = replace(params, banned_token_ids=params.banned_token_ids + self.fence)
+        prompt_len = len(self.engine.output(seq_id).prompt_ids)
+        (child,) = self.loop.fork(seq_id, 1, at=prompt_len + open_at, forbid=self.fence, params=prose)
+        self.origins[child] = _Origin(problem=origin.problem, kind=Origin.FORK, prefix=origin.prefix, fork_at=open_at)
+        self.siblings[origin.problem] += 1
 
 
 def summarize(samples: Sequence[Sample], stats: Sequence[ProblemStats], buffer: Sequence[Sample],
@@ -460,12 +465,12 @@ def summarize(samples: Sequence[Sample], stats: Sequence[ProblemStats], buffer: 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
-    by_origin = {k: [s.reward for s in samples if s.origin == k] for k in ("free", "code", "prose", "fork")}
+    by_origin = {k: [s.reward for s in samples if s.origin == k] for k in Origin}
     kept = [s for s in stats if not s.dropped]
     return {
         "estep/problems": len(stats),
         "estep/rollouts": len(samples),
-        "estep/siblings": len(by_origin["fork"]),
+        "estep/siblings": len(by_origin[Origin.FORK]),
         "estep/sampled_tokens": sum(sum(s.loss_mask) for s in samples),
         "estep/reward_mean": mean([s.reward for s in samples]),
         **{f"estep/reward_{k}": mean(v) for k, v in by_origin.items()},
@@ -475,6 +480,6 @@ def summarize(samples: Sequence[Sample], stats: Sequence[ProblemStats], buffer: 
         "estep/s_code": mean([s.s_code for s in kept if s.s_code is not None]),
         "estep/dropped": len(stats) - len(kept),
         "estep/buffer": len(buffer),
-        "estep/buffer_code_share": mean([s.decision == "code" for s in buffer]),
+        "estep/buffer_code_share": mean([s.decision == Decision.CODE for s in buffer]),
         **counters,
     }
