@@ -536,6 +536,19 @@ def test_append_that_fills_the_budget_finishes_with_length(model):
     _assert_pool_whole(engine)
 
 
+def test_several_appends_that_fill_the_budget_before_one_step_all_finish(model):
+    # Each filled sequence is reported once by the next step (a loop that released while iterating skipped some).
+    engine = Engine(model, num_blocks=32, block_size=4)
+    sids = [engine.add([1, 2, 3 + i], SamplingParams(temperature=0, max_new_tokens=3)) for i in range(3)]
+    engine.step()
+    for sid in sids:
+        engine.append(sid, [4, 4])
+    outs = engine.step()
+    assert sorted(o.seq_id for o in outs) == sorted(sids) and {o.finish_reason for o in outs} == {"length"}
+    assert not engine.has_unfinished()
+    _assert_pool_whole(engine)
+
+
 def test_bad_input_raises_value_error(model):
     engine = Engine(model, num_blocks=8, block_size=4)
     ok = SamplingParams(max_new_tokens=4)
