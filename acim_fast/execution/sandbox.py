@@ -1,49 +1,9 @@
 """Run untrusted Python cells, written by a model under RL, in a hardened pool of forked processes.
 
-What it does:
-- `Sandbox` starts one server process (a fresh interpreter with a scrubbed environment) that forks one
-  process per cell, so a cell starts in ~1 ms and can never touch the state of the next cell or of the pool.
-- Each cell runs with CPU-time, address-space, process-count and file-size limits, a wall-clock timeout,
-  stdin on /dev/null, a private working directory that is removed afterwards, without network, and, when
-  the trainer is root, as an unprivileged uid of its own (one per pool slot). Cells never run as root.
-- Isolation, strongest first; what this kernel granted is reported in `Sandbox.isolation`:
-  network: `netns` (the server unshares a network namespace whose loopback is down) or `audit-hook`
-  (an audit hook refuses non-unix sockets, name lookups and starting programs; best effort only).
-  processes: `pidns` (each cell is pid 2 of a pid, mount and IPC namespace of its own, with a fresh /proc
-  and a tmpfs behind /tmp, /var/tmp and /dev/shm; when the cell ends or times out, the namespace's init
-  is killed and the kernel kills every process left in it, setsid'ed grandchildren included) or
-  `subreaper` (the server is a child subreaper: the cell's process group is killed, then every orphan
-  re-parented to the server, until none is left).
-  users: `per-slot-uid` (cells run as `uid_base + slot`, so RLIMIT_NPROC applies, which it does not to
-  root, and a cell can signal neither the server nor another slot) or `shared` (a non-root trainer that
-  set `allow_shared_uid`: cells keep its uid, and RLIMIT_NPROC, which would count all of that user's
-  processes, is left alone). If the cell uids cannot read the interpreter (pyenv under /root), the server
-  shows them only the interpreter's directories through a mount namespace; if it cannot, it refuses to start.
-- Output (stdout and stderr, interleaved) is read incrementally and only its head and tail are kept, so a
-  100 MB print costs the trainer nothing; an error is reduced to its last traceback line.
-- State: a cell sees the definitions of its trajectory's earlier successful cells, which are replayed with
-  their output suppressed (as Qwen2.5-Math's and rStar2's executors do). A history is a tuple of sources
-  (`next_history` adds a cell only if it succeeded), so forked trajectories keep independent histories.
-  Replay is deterministic: `random` is seeded and the server runs with PYTHONHASHSEED=0.
-- Scheduling: `submit(code, history) -> Future[Result]`, `run`, `run_batch`, `async arun`; up to
-  `concurrency` cells run at once, the rest queue in the server, and results come back as cells end. A
-  cell running longer than `demote_after_s` is reniced to 19, so the many short cells keep the CPU while
-  a few loops run out their timeout. The sandbox never raises because of anything a cell does; if the
-  server itself dies, in-flight cells come back `killed` and the next call starts a new server.
-
-What it does not do:
-- Bound the memory of a cell's processes together (each one has `memory_bytes`; a memory cgroup would).
-- Isolate as well in the fallbacks: without `pidns`, cells share the host's /tmp while they run (what a
-  slot's uid leaves at its top level is removed afterwards) and see the host's processes; without `netns`,
-  ctypes can open sockets; with `shared` users, a cell can signal the trainer and read the environment of
-  that user's other processes.
-- Demote a process that calls setsid: it gets a scheduler autogroup of its own, where nice does not weigh
-  (the timeout still applies).
-- Replay deterministically what depends on time, on numpy's global RNG when numpy is not preloaded, or on
-  files outside the working directory; replay time counts against the cell's timeout.
-- Survive a `fork()` of the trainer process: create the Sandbox in the process that uses it.
-
-The server and the cells are in `acim_fast.execution.sandbox_server`; this module is the trainer's side of the pipes.
+`Sandbox` is the trainer's side of the pipes to one server process (`sandbox_server`, a fresh interpreter with a
+scrubbed environment) that forks a confined process per cell. Nothing a cell does makes it raise.
+It does not bound the memory of a cell's processes together (each has `memory_bytes`; a memory cgroup would), isolates
+less in the fallbacks (see `Isolation`), and does not survive a `fork()` of the trainer: create it where it is used.
 """
 
 from __future__ import annotations
@@ -55,18 +15,17 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
 
 from acim_fast.common.fields import Choice
+from acim_fast.common.worker import boot_argv, recv_frame, write_frame
 from acim_fast.execution import sandbox_server
-from acim_fast.execution.sandbox_server import SandboxOptions, recv_frame, remove_tree, write_frame
+from acim_fast.execution.sandbox_server import SandboxOptions, remove_tree
 
 __all__ = ["STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxOptions", "next_history"]
-
 
 
 class CellStatus(Choice):
@@ -95,11 +54,8 @@ _SERVER_ENV = {
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
-# Loads the server's file as a module by path: importing the `acim_fast` package would pull in the trainer.
-_BOOT = (
-    "import importlib.util as u, sys; s = u.spec_from_file_location('_acim_sandbox_server', sys.argv[1]); "
-    "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); m.serve(*sys.argv[2:])"
-)
+# The server's module name, hence in its command line (and that of every process it forks).
+_SERVER_MODULE = "_acim_sandbox_server"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,26 +63,47 @@ class Result:
     """What one cell did. `error` is the last traceback line (or why it was stopped); "" when ok."""
 
     status: CellStatus  # one of STATUSES
-    output: str  # stdout and stderr interleaved, head + tail kept
+    # stdout and stderr interleaved, read as they come and only head + tail kept: a 100 MB print costs nothing
+    output: str
     error: str
     duration_s: float  # from fork to the end of the cell's last process
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == CellStatus.OK
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Isolation:
-    """Which isolation a sandbox server got from this kernel (see the module docstring)."""
+    """Which isolation a sandbox server got from this kernel, strongest first for each field.
 
-    network: str  # "netns" | "audit-hook"
-    processes: str  # "pidns" | "subreaper"
-    users: str  # "per-slot-uid" | "shared"
+    network: "netns" (the server unshares a network namespace whose loopback is down) or "audit-hook" (an audit
+    hook refuses non-unix sockets, name lookups and starting programs; best effort: ctypes can open sockets).
+    processes: "pidns" (each cell is pid 2 of a pid, mount and IPC namespace of its own, with a fresh /proc and a
+    tmpfs behind /tmp, /var/tmp and /dev/shm; when the cell ends its init is killed, and the kernel kills every
+    process left, setsid'ed ones included) or "subreaper" (the cell's process group is killed, then every orphan
+    re-parented to the server; cells share the host's /tmp while they run, what a slot's uid leaves at its top
+    level is removed afterwards, and they see the host's processes).
+    users: "per-slot-uid" (cells run as `uid_base + slot`, so RLIMIT_NPROC applies, which it does not to root,
+    and a cell can signal neither the server nor another slot) or "shared" (a non-root trainer that set
+    `allow_shared_uid`: cells keep its uid, RLIMIT_NPROC is left alone since it would count all of that user's
+    processes, and a cell can signal the trainer and read the environment of that user's other processes).
+    If the cell uids cannot read the interpreter (pyenv under /root), the server shows them only its directories
+    through a mount namespace; if it cannot, it refuses to start.
+    """
+
+    network: str
+    processes: str
+    users: str
 
 
 def next_history(history: Sequence[str], code: str, result: Result) -> tuple[str, ...]:
-    """The history a trajectory's next cell replays: a failed cell's definitions are not kept."""
+    """The history a trajectory's next cell replays: a failed cell's definitions are not kept.
+
+    A cell first replays its history with output suppressed (as Qwen2.5-Math's and rStar2's executors do), within
+    its own timeout. Replay is deterministic (`random` is seeded, PYTHONHASHSEED=0) except for what depends on
+    time, on numpy's global RNG when numpy is not preloaded, or on files outside the working directory. Histories
+    are tuples, so forked trajectories keep independent ones."""
     return (*history, code) if result.ok else tuple(history)
 
 
@@ -136,6 +113,15 @@ class Sandbox:
     `submit(code, history=()) -> Future[Result]`, `run(code, history=()) -> Result`,
     `run_batch([(code, history), ...]) -> list[Result]`, `await arun(code, history=())`; `close()` (or use
     it as a context manager) kills running cells. `isolation` says what the kernel granted.
+
+    Each cell is a fork of the server (~1 ms to start; it cannot touch the state of the next cell or of the pool)
+    with CPU-time, address-space, process-count and file-size limits, a wall-clock timeout, stdin on /dev/null,
+    a private working directory removed afterwards, no network and, when the trainer is root, an unprivileged
+    uid of its own slot; never root. Up to `concurrency` cells run at once, the rest queue in the server, and
+    results come back as cells end. A cell running longer than `demote_after_s` is reniced to 19 (not one that
+    calls setsid: its own autogroup, where nice does not weigh), so short cells keep the CPU while a few loops
+    run out their timeout. If the server dies, in-flight cells come back `killed` and the next call starts a
+    new server.
     """
 
     def __init__(self, options: SandboxOptions | None = None) -> None:
@@ -228,7 +214,8 @@ class _Client:
         self._res_r, res_w = os.pipe()
         config = json.dumps(dataclasses.asdict(options))
         fds = (str(cmd_r), str(res_w))
-        argv = [sys.executable, "-s", "-c", _BOOT, os.path.abspath(sandbox_server.__file__), *fds, workroot, config]
+        # -s: not even the user's site-packages; the server imports nothing of the trainer's.
+        argv = boot_argv(_SERVER_MODULE, sandbox_server.__file__, "serve", *fds, workroot, config, flags=("-s",))
         try:
             self._proc = subprocess.Popen(
                 argv, env=_SERVER_ENV, cwd=workroot, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

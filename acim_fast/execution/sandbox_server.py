@@ -1,13 +1,9 @@
 """The sandbox's server process and the cells it forks (the trainer's side is `acim_fast.execution.sandbox`).
 
-This file runs in an interpreter of its own, started by `acim_fast.execution.sandbox` with a scrubbed environment and loaded
-by path: it imports only the standard library, never the `acim_fast` package, which that interpreter may not find
-(a source checkout on PYTHONPATH) and which would pull the trainer into every cell. So what both sides share lives
-here: the options (`SandboxOptions`, which the server enforces), the pipe framing, and removing a directory tree.
-
-What it does: one event loop reads jobs from the trainer, forks one confined process per cell (in a pid namespace
-of its own when the kernel allows, else under a child subreaper), kills cells at their deadline, renices slow ones,
-and sends each result back as the cell's processes end. The isolation itself is described in `acim_fast.execution.sandbox`.
+One event loop reads jobs from the trainer, forks one confined process per cell (isolation: see `Isolation` in
+`acim_fast.execution.sandbox`), kills cells at their deadline, renices slow ones and sends each result back as the
+cell's processes end. It runs loaded by path (`acim_fast.common.worker`), so it imports the standard library only,
+never the `acim_fast` package, which that interpreter may not find and which would pull the trainer into every cell.
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +29,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+
+try:  # loaded by path in the server process: the package is off limits there
+    from _acim_worker import FrameDecoder, write_frame
+except ImportError:  # imported by the trainer as part of the package
+    from acim_fast.common.worker import FrameDecoder, write_frame
 
 # Linux constants (sched.h, mount.h, prctl.h); Python 3.11's os module has neither unshare nor setns.
 _CLONE_NEWNS = 0x00020000
@@ -46,7 +46,6 @@ _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
 _UID_FIRST, _UID_STRIDE, _UID_RANGES = 1_900_000_000, 4096, 2**15  # all below 2**31
 _CELL_DIR = "/tmp/cell"  # the working directory inside a cell's own tmpfs (pidns mode)
 _TMPFS_INODES = 65536  # tmpfs `size` does not bound inodes, which cost memory too
-_FRAME = struct.Struct("<I")
 _READ_CHUNK = 1 << 16
 
 
@@ -125,37 +124,7 @@ class SandboxOptions:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared with the trainer: frames on the pipes (a 4-byte length, then JSON), and removing a cell's tree.
-
-
-def write_frame(fd: int, obj: object) -> None:
-    data = json.dumps(obj).encode()
-    view = memoryview(_FRAME.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    parts, left = [], n
-    while left:
-        part = os.read(fd, left)
-        if not part:
-            return None
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
-def recv_frame(fd: int, timeout: float | None = None) -> dict | None:
-    """One frame from a blocking pipe; None on EOF (or if nothing arrives within `timeout`)."""
-    if timeout is not None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                return None
-    header = _read_exact(fd, _FRAME.size)
-    body = header and _read_exact(fd, _FRAME.unpack(header)[0])
-    return None if body is None else json.loads(body)
+# Shared with the trainer (the options above, too).
 
 
 def remove_tree(path: str) -> None:
@@ -253,7 +222,7 @@ class _Server:
         self.queue: deque[dict] = deque()
         self.free_slots = list(range(options.concurrency - 1, -1, -1))
         self.cells: dict[int, _Cell] = {}  # by pid of the cell's top process
-        self.inbox = bytearray()
+        self.commands = FrameDecoder()
         self.pidns_fd = -1
 
     def serve(self) -> None:
@@ -371,13 +340,7 @@ class _Server:
         data = os.read(self.cmd_fd, 1 << 20)
         if not data:
             return False
-        self.inbox += data
-        while len(self.inbox) >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(self.inbox)
-            if len(self.inbox) < _FRAME.size + size:
-                break
-            self.queue.append(json.loads(self.inbox[_FRAME.size : _FRAME.size + size]))
-            del self.inbox[: _FRAME.size + size]
+        self.queue.extend(self.commands.feed(data))
         return True
 
     def _read_cell(self, kind: str, cell: _Cell) -> None:

@@ -1,4 +1,16 @@
-"""Final-answer extraction from a model response."""
+r"""Final-answer extraction from a model response: `extract_answer`, the first rule that applies wins.
+
+1. `\boxed{...}` / `\fbox{...}` with balanced braces (escaped `\{ \}` do not count), or `\boxed X` without
+   braces (X = the next run of non-space characters). The last box counts; boxes directly before it separated
+   only by spaces, `$`, commas, "and" or "or" are joined to it with ", " ("\boxed{2} or \boxed{3}" is the hedge
+   "2, 3"). A nested box is unwrapped. A malformed last box (unbalanced, empty) means no answer, no fallback.
+2. The last line "#### X" (GSM8K) whose X has no letters: "#### Step 2: ..." is a markdown heading.
+3. The last "answer is X" / "answer: X" (also "Final Answer", markdown bold), X = the first math span
+   (`$..$`, `\(..\)`, `\[..\]`) right after it, else the text up to the end of the sentence/line.
+4. The last plain number (integer or decimal, optional sign, thousands commas), unless `last_number=False`.
+
+It does not compare the answer with the gold one: `verifier` does.
+"""
 
 from __future__ import annotations
 

@@ -1,66 +1,20 @@
 """The answer verifier: binary reward for a model response against a gold answer.
 
-What it does:
-- `extract_answer` pulls the final answer out of a response (order of attempts below).
-- `verify_answer` / `verify_batch` decide whether that answer equals the gold answer and return a
-  `Verdict` (reward 1.0 or 0.0, the extracted answer, a reason). Cheap cases are decided in the calling
-  process; everything else goes to math-verify (symbolic, numeric, sets, intervals, matrices, LaTeX)
-  running in a pool of worker subprocesses.
-- The time of every math-verify check is bounded by killing its worker: math-verify's own timeouts use
-  `signal.alarm`, which works only in the main thread, so they are switched off (`parsing_timeout=None`,
-  `timeout_seconds=None`) and a check that overruns its budget gets its worker SIGKILLed and respawned.
-  That is safe from any thread and also stops computations that never return to Python
-  (e.g. sympy expanding `9^{9^{9^9}}`). Workers are persistent because starting one (Python + sympy +
-  math-verify imports) costs ~0.5 s, against ~4 ms per check. Backstops: each worker has an
-  address-space cap (`memory_limit_mb`) and, per check, a CPU-time limit a little above the timeout,
-  so a check left running by a trainer that was killed hard still ends.
-
-What it does not do: it does not grade proofs or free-form text beyond exact text answers, does not
-look at how the response was produced (truncation, code use) and does not retry a check that timed out.
-
-Answer extraction, first rule that applies wins:
-1. `\\boxed{...}` / `\\fbox{...}` with balanced braces (escaped `\\{ \\}` do not count), or
-   `\\boxed X` without braces (X = the next run of non-space characters). The last box counts; boxes
-   directly before it that are separated from it only by spaces, `$`, commas, "and" or "or" are joined
-   to it with ", " (so "\\boxed{2} or \\boxed{3}" is the hedge "2, 3", not "3"). A box nested in a box
-   is unwrapped. If the last box is malformed (unbalanced, empty) there is no answer: no fallback is
-   tried, the response committed to a box and broke it.
-2. The last line "#### X" (GSM8K) whose X has no letters: "#### Step 2: ..." is a markdown heading.
-3. The last "answer is X" / "answer: X" (also "Final Answer", markdown bold), X = the first math span
-   (`$..$`, `\\(..\\)`, `\\[..\\]`) right after it, else the text up to the end of the sentence/line.
-4. The last plain number in the text (integer or decimal, optional sign, thousands commas), unless
-   `last_number=False`.
-
-Decision, for an extracted answer `pred` and gold `gold`:
-1. Text answers: if the gold is wrapped in `\\text{..}` (or `\\textbf`, `\\mathrm`, ...) and is only
-   letters once unwrapped (e.g. `\\text{(C)}`, `\\text{Evelyn}`), the answer is correct iff it is the
-   same letters, ignoring case, spaces, parentheses and the wrappers. math-verify would read
-   "Evelyn" as the product E*v*e*l*y*n and accept "Evenly".
-2. Equal strings after light normalisation (spaces, `\\left`/`\\right`, `\\dfrac`, `$`): correct.
-3. Both plain integers (thousands commas allowed): compared exactly, no worker needed.
-4. Otherwise math-verify in a worker, both sides wrapped in `\\boxed{}`; scientific notation such as
-   "1.5e3" is rewritten to `1.5\\times10^{3}` first (math-verify reads it as 1.5*e*3).
-
-Reasons: "correct", "wrong", "no_answer", "timeout", "parse_error: ...", "worker_error: ...",
-"internal_error: ...". Only "correct" has reward 1.0.
-
-Nothing about the response or the gold makes these functions raise; they raise `ValueError` only for
-invalid arguments (wrong types, non-positive timeouts, a closed pool), i.e. programming errors.
-The module-level `verify_answer` / `verify_batch` share one process-wide `VerifierPool`, created on
-first use and closed at exit; a trainer that wants to size or close its pool creates its own.
+`verify_answer` / `verify_batch` extract the response's final answer and return a `Verdict`. Cheap cases are decided
+in the calling process, the rest by math-verify in a pool of persistent, killable worker subprocesses.
+It does not grade proofs or free-form text beyond exact text answers, does not look at how the response was
+produced (truncation, code use) and does not retry a check that timed out.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import queue
 import re
 import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -68,6 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from acim_fast.reward.extract import extract_answer
+
+try:  # loaded by path in a worker process (see acim_fast.common.worker)
+    from _acim_worker import FrameDecoder, boot_argv, recv_frame, write_frame
+except ImportError:  # imported as part of the package
+    from acim_fast.common.worker import FrameDecoder, boot_argv, recv_frame, write_frame
 
 DEFAULT_TIMEOUT = 5.0  # seconds per math-verify check; typical checks take ~5 ms
 STARTUP_TIMEOUT = 60.0  # a worker must import sympy + math-verify within this, even on a loaded machine
@@ -77,7 +36,8 @@ MEMORY_LIMIT_MB = 4096  # address-space cap per worker: a runaway sympy power mu
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one check. `reward` is 1.0 iff `reason == "correct"`; `predicted` is the
-    extracted answer (None when there was none)."""
+    extracted answer (None when there was none). Reasons: "correct", "wrong", "no_answer", "timeout",
+    "parse_error: ...", "worker_error: ...", "internal_error: ..."."""
 
     reward: float
     predicted: str | None
@@ -130,17 +90,23 @@ def _as_integer(s: str) -> str | None:
 
 
 def _to_latex(s: str) -> str:
+    """Scientific notation as LaTeX ("1.5e3" -> `1.5\\times10^{3}`): math-verify reads "1.5e3" as 1.5*e*3."""
     m = _SCIENTIFIC_RE.fullmatch(s)
     return f"{m.group(1)}\\times10^{{{m.group(2)}}}" if m else s
 
 
 def _quick_reason(pred: str, gold: str) -> str | None:
-    """"correct"/"wrong" when decidable without math-verify, else None."""
+    """"correct"/"wrong" when decidable without math-verify, else None (then math-verify decides, both sides
+    wrapped in `\\boxed{}`, after `_to_latex`)."""
+    # A gold wrapped in `\text{..}` (or `\textbf`, `\mathrm`, ...) that is only letters once unwrapped
+    # (`\text{(C)}`, `\text{Evelyn}`) matches the same letters, ignoring case, spaces, parentheses and wrappers:
+    # math-verify would read "Evelyn" as the product E*v*e*l*y*n and accept "Evenly".
     text_key = _gold_text_key(gold)
     if text_key is not None:
         return "correct" if _text_key(pred) == text_key else "wrong"
-    if _normalize(pred) == _normalize(gold):
+    if _normalize(pred) == _normalize(gold):  # spaces, `\left`/`\right`, `\dfrac`, `$`
         return "correct"
+    # Both plain integers (thousands commas allowed): compared exactly.
     pred_int, gold_int = _as_integer(pred), _as_integer(gold)
     if pred_int is not None and gold_int is not None:
         return "correct" if pred_int == gold_int else "wrong"
@@ -150,16 +116,12 @@ def _quick_reason(pred: str, gold: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Worker subprocess (runs `_worker_main`)
 
-# The worker loads this file by path rather than importing `acim_fast`: that keeps the package
-# __init__ (and whatever it imports later) out of the worker and needs no install.
-_WORKER_BOOT = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.spec_from_file_location('_acim_verify_worker', sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = module\n"
-    "spec.loader.exec_module(module)\n"
-    "module._worker_main(int(sys.argv[2]))\n"
-)
+# The time of a check is bounded by SIGKILLing its worker: math-verify's own timeouts use `signal.alarm`, which works
+# only in the main thread, so they are off. The kill is safe from any thread and also stops computations that never
+# return to Python (sympy expanding `9^{9^{9^9}}`). Workers persist: starting one (Python + sympy + math-verify)
+# costs ~0.5 s, a check ~4 ms. A worker loads this file by path (acim_fast.common.worker); of the package it
+# imports only `acim_fast.reward.extract`, which needs nothing but `re`.
+_WORKER_MODULE = "_acim_verify_worker"
 
 
 def _math_verify_reason(pred: str, gold: str) -> str:
@@ -183,29 +145,27 @@ def _math_verify_reason(pred: str, gold: str) -> str:
     return "wrong"
 
 
-def _worker_main(memory_limit_mb: int) -> None:
-    """Serve checks: one JSON request {"pred", "gold", "timeout"} per stdin line, one {"reason"} per
-    stdout line. Sends {"ready": true} once imports are done; exits when stdin closes."""
+def _worker_main(memory_limit_mb: str) -> None:
+    """Serve checks: one request frame {"pred", "gold", "timeout"} on stdin, one {"reason"} frame on stdout.
+    Sends {"ready": true} once imports are done; exits when stdin closes."""
     import logging
     import resource
     import warnings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; the parent kills us
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    replies = os.dup(1)
     os.dup2(2, 1)  # a stray print() in a library must not corrupt the protocol
     warnings.simplefilter("ignore")
     # math-verify warns once that its timeouts are off (they are bounded here) and on each failed parse.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
-    if memory_limit_mb > 0:
-        limit = memory_limit_mb << 20
+    if (limit := int(memory_limit_mb) << 20) > 0:  # a backstop: no check may take the host's memory
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _math_verify_reason("\\frac{1}{2}", "0.5")  # imports and warms the parser before the clock runs
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
-    replies.write('{"ready": true}\n')
-    for line in sys.stdin.buffer:
+    write_frame(replies, {"ready": True})
+    while (request := recv_frame(0)) is not None:
         try:
-            request = json.loads(line)
             # The parent kills us at `timeout` seconds of wall time. If it cannot (it was killed itself,
             # and a check stuck in C code never reads the closed stdin), the kernel ends the check a few
             # CPU seconds later; CPU time never runs ahead of wall time, so this never fires first.
@@ -217,21 +177,21 @@ def _worker_main(memory_limit_mb: int) -> None:
             reason = _math_verify_reason(request["pred"], request["gold"])
         except Exception as e:  # math-verify catches most errors itself; whatever escapes is a verdict
             reason = f"parse_error: {type(e).__name__}: {e}"[:300]
-        replies.write(json.dumps({"reason": reason}) + "\n")
+        write_frame(replies, {"reason": reason})
 
 
 class _Worker:
-    """One worker subprocess and the bytes it has sent that do not yet form a full line."""
+    """One worker subprocess and the bytes it has sent that do not yet form a full frame."""
 
     def __init__(self, memory_limit_mb: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOT, os.path.abspath(__file__), str(memory_limit_mb)],
+            boot_argv(_WORKER_MODULE, __file__, "_worker_main", str(memory_limit_mb)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         self.started = time.monotonic()
         self.ready = False
-        self._buffer = b""
+        self._frames = FrameDecoder()
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
@@ -239,10 +199,9 @@ class _Worker:
     def send(self, pred: str, gold: str, timeout: float) -> bool:
         """Send one check; False if the worker is gone."""
         try:
-            self.proc.stdin.write(json.dumps({"pred": pred, "gold": gold, "timeout": timeout}).encode() + b"\n")
-            self.proc.stdin.flush()
+            write_frame(self.proc.stdin.fileno(), {"pred": pred, "gold": gold, "timeout": timeout})
             return True
-        except (BrokenPipeError, OSError):
+        except OSError:  # BrokenPipeError among them
             return False
 
     def read(self) -> list[dict] | None:
@@ -250,9 +209,7 @@ class _Worker:
         chunk = os.read(self.fileno(), 65536)
         if not chunk:
             return None
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        return self._frames.feed(chunk)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -331,7 +288,8 @@ class VerifierPool:
     ) -> list[Verdict]:
         """Verdicts for (response_text, gold) pairs, in order. Checks that need math-verify run in
         parallel on the idle workers; each gets `timeout` seconds (default: the pool's) from the moment
-        a ready worker receives it."""
+        a ready worker receives it. Nothing in a response or gold answer makes it raise; ValueError only for
+        invalid arguments (wrong types, a timeout <= 0, a closed pool), i.e. programming errors."""
         timeout = self.timeout if timeout is None else _check_timeout("timeout", timeout)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise ValueError(
@@ -414,107 +372,136 @@ class VerifierPool:
         return workers
 
     def _run(self, checks: list[tuple[str, str]], timeout: float) -> list[str]:
-        """A reason per (pred, gold) check, computed on checked-out workers.
+        """A reason per (pred, gold) check, computed on checked-out workers."""
+        return _Batch(self, checks, timeout).run()
 
-        Event loop: every worker is either starting (awaiting its ready line), busy (awaiting a
-        reply) or done; the loop sleeps in select() until a reply arrives or the earliest deadline
-        passes. A busy worker past its deadline is killed and replaced, and the replacement joins
-        the loop. A worker that dies or stalls while starting is replaced but not reused in this
-        call, so a broken environment ends the call instead of spinning."""
-        reasons: list[str | None] = [None] * len(checks)
-        todo = collections.deque(range(len(checks)))
-        active: dict[_Worker, tuple[int | None, float]] = {}  # worker -> (check index or None if starting, deadline)
-        selector = selectors.DefaultSelector()
-        startup_failures: list[str] = []
 
-        def dispatch(worker: _Worker) -> None:
-            """Give a worker its next job, or hand it back to the pool when there is none."""
-            while True:
-                if not todo:
-                    held.discard(worker)
-                    self._checkin(worker)
-                    return
-                if not worker.ready:
-                    active[worker] = (None, worker.started + self.startup_timeout)
-                    selector.register(worker, selectors.EVENT_READ)
-                    return
-                index = todo.popleft()
-                if worker.send(*checks[index], timeout):
-                    active[worker] = (index, time.monotonic() + timeout)
-                    selector.register(worker, selectors.EVENT_READ)
-                    return
-                # It died while idle (e.g. OOM-killed): not this check's fault, so requeue the check.
-                todo.appendleft(index)
-                held.discard(worker)
-                self._retire(worker)
-                worker = self._spawn()
-                held.add(worker)
+class _Batch:
+    """One `VerifierPool._run` call: an event loop over the workers it holds. Each is starting (awaiting its
+    ready frame), busy (awaiting a reply) or done; the loop sleeps in select() until a frame arrives or the
+    earliest deadline passes. A busy worker past its deadline is killed and replaced, and the replacement
+    joins the loop. A worker that dies or stalls while starting is replaced but not reused in this call,
+    so a broken environment ends the call instead of spinning."""
 
-        def fail(worker: _Worker, reason: str) -> None:
-            index, _ = active.pop(worker)
-            selector.unregister(worker)
-            held.discard(worker)
-            self._retire(worker)
-            replacement = self._spawn()
-            if index is None:
-                startup_failures.append(reason)
-                self._checkin(replacement)
-            else:
-                reasons[index] = reason
-                held.add(replacement)
-                dispatch(replacement)
+    def __init__(self, pool: VerifierPool, checks: list[tuple[str, str]], timeout: float) -> None:
+        self.pool, self.checks, self.timeout = pool, checks, timeout
+        self.reasons: list[str | None] = [None] * len(checks)
+        self.todo = collections.deque(range(len(checks)))
+        self.active: dict[_Worker, tuple[int | None, float]] = {}  # -> (check index, None if starting; deadline)
+        self.selector = selectors.DefaultSelector()
+        self.startup_failures: list[str] = []
+        self.held: set[_Worker] = set()  # workers this call must check back in
 
-        held = set(self._checkout(len(checks)))  # workers this call must check back in
+    def run(self) -> list[str]:
+        self.held = set(self.pool._checkout(len(self.checks)))
         try:
-            for worker in list(held):
-                dispatch(worker)
-            while active:
-                if not todo:  # a worker still starting has nothing left to do in this call
-                    for worker, (index, _) in list(active.items()):
-                        if index is None:
-                            del active[worker]
-                            selector.unregister(worker)
-                            held.discard(worker)
-                            self._checkin(worker)
-                    if not active:
+            for worker in list(self.held):
+                self._dispatch(worker)
+            while self.active:
+                if not self.todo:  # a worker still starting has nothing left to do in this call
+                    self._release_starting()
+                    if not self.active:
                         break
-                # Read what has arrived before enforcing deadlines: a worker spawned long ago whose ready
-                # line waits unread in its pipe is ready, not late.
-                wait = max(0.0, min(deadline for _, deadline in active.values()) - time.monotonic())
-                for key, _ in selector.select(wait):
-                    worker = key.fileobj
-                    messages = worker.read()
-                    if messages is None:
-                        try:
-                            code = worker.proc.wait(timeout=1.0)
-                        except subprocess.TimeoutExpired:  # closed its stdout yet still running
-                            code = None
-                        # SIGXCPU is the worker's own CPU-time backstop, i.e. a timeout seen late.
-                        late_timeout = code == -signal.SIGXCPU
-                        fail(worker, "timeout" if late_timeout else f"worker_error: worker exited (code {code})")
-                        continue
-                    assert len(messages) <= 1, "a worker has at most one message outstanding"
-                    for message in messages:
-                        index, _ = active.pop(worker)
-                        selector.unregister(worker)
-                        if "ready" in message:
-                            worker.ready = True
-                        else:
-                            reasons[index] = message["reason"]
-                        dispatch(worker)
-                now = time.monotonic()
-                for worker, (index, deadline) in list(active.items()):
-                    if now >= deadline:
-                        fail(worker, "timeout" if index is not None else "worker_error: worker did not start in time")
+                self._read_ready()
+                self._expire(time.monotonic())
         finally:
             # Normally empty; non-empty only if this loop itself failed. Such a worker may be in the
             # middle of a check, and its late reply would be read as the answer to the next one.
-            for worker in held:
-                self._retire(worker)
-                self._checkin(self._spawn())
-            selector.close()
-        unresolved = startup_failures[-1] if startup_failures else "worker_error: verifier pool closed"
-        return [reason if reason is not None else unresolved for reason in reasons]
+            for worker in self.held:
+                self.pool._retire(worker)
+                self.pool._checkin(self.pool._spawn())
+            self.selector.close()
+        unresolved = self.startup_failures[-1] if self.startup_failures else "worker_error: verifier pool closed"
+        return [reason if reason is not None else unresolved for reason in self.reasons]
+
+    def _watch(self, worker: _Worker, index: int | None, deadline: float) -> None:
+        self.active[worker] = (index, deadline)
+        self.selector.register(worker, selectors.EVENT_READ)
+
+    def _unwatch(self, worker: _Worker) -> int | None:
+        """Stop waiting on `worker`; the check it was busy with (None if it was starting)."""
+        index, _ = self.active.pop(worker)
+        self.selector.unregister(worker)
+        return index
+
+    def _release(self, worker: _Worker) -> None:
+        self.held.discard(worker)
+        self.pool._checkin(worker)
+
+    def _dispatch(self, worker: _Worker) -> None:
+        """Give a worker its next check, or hand it back to the pool when there is none."""
+        while True:
+            if not self.todo:
+                self._release(worker)
+                return
+            if not worker.ready:
+                self._watch(worker, None, worker.started + self.pool.startup_timeout)
+                return
+            index = self.todo.popleft()
+            if worker.send(*self.checks[index], self.timeout):
+                self._watch(worker, index, time.monotonic() + self.timeout)
+                return
+            # It died while idle (e.g. OOM-killed): not this check's fault, so requeue the check.
+            self.todo.appendleft(index)
+            self.held.discard(worker)
+            self.pool._retire(worker)
+            worker = self.pool._spawn()
+            self.held.add(worker)
+
+    def _fail(self, worker: _Worker, reason: str) -> None:
+        """Kill `worker`; its check (or, if it was starting, the call) ends with `reason`."""
+        index = self._unwatch(worker)
+        self.held.discard(worker)
+        self.pool._retire(worker)
+        replacement = self.pool._spawn()
+        if index is None:
+            self.startup_failures.append(reason)
+            self.pool._checkin(replacement)
+        else:
+            self.reasons[index] = reason
+            self.held.add(replacement)
+            self._dispatch(replacement)
+
+    def _release_starting(self) -> None:
+        for worker, (index, _) in list(self.active.items()):
+            if index is None:
+                self._unwatch(worker)
+                self._release(worker)
+
+    def _read_ready(self) -> None:
+        """Wait for frames until the earliest deadline and handle those that arrive."""
+        # Read what has arrived before enforcing deadlines: a worker spawned long ago whose ready frame
+        # waits unread in its pipe is ready, not late.
+        wait = max(0.0, min(deadline for _, deadline in self.active.values()) - time.monotonic())
+        for key, _ in self.selector.select(wait):
+            worker = key.fileobj
+            messages = worker.read()
+            if messages is None:
+                self._fail(worker, _exit_reason(worker))
+                continue
+            assert len(messages) <= 1, "a worker has at most one message outstanding"
+            for message in messages:
+                index = self._unwatch(worker)
+                if "ready" in message:
+                    worker.ready = True
+                else:
+                    self.reasons[index] = message["reason"]
+                self._dispatch(worker)
+
+    def _expire(self, now: float) -> None:
+        for worker, (index, deadline) in list(self.active.items()):
+            if now >= deadline:
+                self._fail(worker, "timeout" if index is not None else "worker_error: worker did not start in time")
+
+
+def _exit_reason(worker: _Worker) -> str:
+    """The reason for a check whose worker closed its stdout."""
+    try:
+        code = worker.proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:  # closed its stdout yet still running
+        code = None
+    # SIGXCPU is the worker's own CPU-time backstop, i.e. a timeout seen late.
+    return "timeout" if code == -signal.SIGXCPU else f"worker_error: worker exited (code {code})"
 
 
 def _check_timeout(name: str, value: float) -> float:
@@ -530,6 +517,8 @@ def _verdict(pred: str, reason: str) -> Verdict:
 # ----------------------------------------------------------------------------------------------
 # Process-wide default pool
 
+# `verify_answer` / `verify_batch` share one pool, created on first use, its workers killed at exit; a trainer
+# that wants to size or close its pool creates its own.
 _default_pool: VerifierPool | None = None
 _default_pool_lock = threading.Lock()
 
