@@ -1,11 +1,12 @@
 """The one typed configuration of the trainer, and its command line.
 
-`Config` groups its fields by concern; every field carries a help text and is validated in
-`__post_init__` with a `ValueError` naming the field. The phases keep their own typed groups (`estep`,
-`mstep`, `loss`, `eval`), defined next to the code that reads them. The command line is derived from the
-dataclasses: each field `name` becomes `--name VALUE`, each field of a group `--estep.name VALUE`; the
-flags override a preset (`--preset`, plain functions returning a `Config`); `--resume RUN_DIR` reloads a
-run's saved config (`Config.from_dict`, the inverse of `to_dict`). This module does not run anything.
+`Config` holds the run-level fields and the phases' typed groups (`estep`, `mstep`, `loss`, `eval`, `vllm`), each
+defined next to the code that reads it; every field carries a help text and is validated in `__post_init__` with a
+`ValueError` naming it. The command line is derived from the dataclasses (`--name VALUE`, `--estep.name VALUE`,
+hyphens or underscores); flags override a preset (`--preset`, plain functions returning a `Config`), and
+`--resume RUN_DIR` reloads a run's saved config (`Config.from_dict`, the inverse of `to_dict`).
+
+This module runs nothing.
 """
 
 from __future__ import annotations

@@ -1,39 +1,15 @@
-"""Math problems: the `Problem` record, loading them, and deterministic split and shuffle.
+"""Math problems: the `Problem` record, loading them from jsonl or the hub, and deterministic split and shuffle.
 
-What it does:
-- `load_problems(spec)` reads a jsonl file (one JSON object per line), or, for a spec `hf:<name>[:<config>][:<split>]`,
-  a Hugging Face dataset through the optional `datasets` package (imported only then). Fields of a row:
-  `problem` (str) and `answer` (str, or a JSON number: ints with `str`, finite floats with `repr`, so 27.0 gives
-  "27.0") are required; `id` (str, or an int converted with `str`), `level` (an int, or a string "N" / "Level N";
-  MATH's "Level ?" means unknown) and `source` (str) are optional, and null counts as absent. A string answer
-  holding "####" is a raw GSM8K answer: the text after the last "####" is kept, commas removed. Problem and answer
-  are stripped of surrounding whitespace and must not be empty.
-- Every other field of a row (MATH's `solution` and `subject`, GSM8K's worked `solution`, ...) is kept, read-only,
-  in `Problem.extra`: the warm-up SFT and per-subject evaluation reports need them, and dropping data silently
-  would surprise. `fields=` maps our field names to a source's own (e.g. `{"problem": "question"}`).
-- Defaults: `source` is the dataset's name (the file's stem, or the hub name); a missing `id` becomes
-  "<name>/<locator>", the locator being the 1-based line number in a file and the 0-based row index on the hub
-  (each is what a user would look up). Ids must be unique within one load.
-- Blank (whitespace-only) lines are skipped; line numbers still count them, so an error points at the real line.
-  A UTF-8 byte-order mark on the first line and CRLF line ends are accepted.
-- User and data errors raise ValueError naming the file and line ("path:7: ..."), or the spec and row: a missing or
-  unreadable file, an empty file (or blank lines only), non-UTF-8 bytes, bad JSON, a line that is not a JSON object,
-  a missing or wrongly typed field, a duplicate id (both lines named), a missing `datasets` package or a hub load
-  that fails.
-- `split(problems, eval_fraction, seed)` gives (train, eval). A problem's side is decided by a hash of its problem
-  TEXT and the seed, so the split does not depend on the order of the file, on ids (which may be missing or
-  line-based), and exact duplicates of a problem can never sit on both sides (no train/eval leakage). The eval side
-  holds eval_fraction * n problems rounded half up (so small sets get an exact, predictable size), plus any
-  duplicates of the last one taken.
-- `shuffle(problems, seed, epoch)` orders problems by a hash of (seed, epoch, source, id): deterministic across
-  processes and Python versions, different each epoch, and independent of the input order (ties, i.e. repeated
-  (source, id) pairs, keep their input order).
-  Every torchrun rank shuffles the same list with the same seed and epoch, then takes its share
-  (`train.dist.Dist.share`), which needs no communication.
+`load_problems(spec)` reads a jsonl file, or `hf:<name>[:<config>][:<split>]` through the optional `datasets`
+package. `problem` and `answer` are required (a numeric answer becomes a string; a "####" answer is a raw GSM8K
+one: the text after the last "####" is kept); `id`, `level`, `source` are optional (a missing id is
+"<name>/<line or row>"); every other field is kept read-only in `Problem.extra`. Errors are `ValueError`s naming
+the file and line (blank lines still count) or the spec and row. `split` puts a problem on the eval side by a hash
+of its TEXT and the seed, so file order and ids do not matter and duplicates never straddle the split; the eval
+side holds eval_fraction * n problems rounded half up. `shuffle` orders by a hash of (seed, epoch, source, id):
+every rank gets the same order and takes its share (`train.dist.Dist.share`) without communicating.
 
-What it does not do: prompts (prompts.py), answer checking (verify.py), tokenisation or batching, JSON arrays,
-.json/parquet/csv files, streaming, network access of its own (the hub path is the `datasets` package's), or
-sharding over ranks.
+It does not build prompts, check answers, tokenise or batch, read .json/parquet/csv, stream, or shard over ranks.
 """
 
 from __future__ import annotations

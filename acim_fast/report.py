@@ -1,27 +1,14 @@
-"""Training report: plots and tables from the trainer's per-run metrics (python -m acim_fast.report).
+"""Training report: plots and tables from a run's metrics.jsonl (python -m acim_fast.report RUN_DIR [...] [--out PNG]).
 
-What it does:
-- `read_metrics(run_dir)` parses `RUN/metrics.jsonl` (one JSON object per line, one line per EM iteration; iteration
-  0 is the starting model, evaluated only). Every line must be an object with an int "iteration"; any other key may
-  be missing or null. Blank lines are skipped; anything else that is wrong raises `ValueError` naming the file and
-  the line.
-- `plot(runs, path)` writes one PNG: a 2x3 grid of `PANELS` (accuracy, code-use rate, code-selection accuracy,
-  E-step reward, M-step loss, clip fraction) against the iteration, one line with markers per run. Runs of one
-  "algo" share a colour and differ by line style (`line_styles`), so "EM vs baseline" reads at a glance. The three
-  eval rates have y in [0, 1]; the other panels autoscale. Missing, null or non-finite values are left out of a
-  line, which joins the points either side (never drawn as 0). The file is written atomically.
-- `summary_table(records)`: one run, one row per iteration. `compare_table(runs)`: runs grouped by "algo", per
-  iteration the mean ± population std over the group's runs of Pass@1, code-use rate and selection accuracy, and a
-  "final" row over each run's last iteration (what a README reports as "EM vs GRPO, 3 seeds").
-- CLI: `python -m acim_fast.report RUN_DIR [RUN_DIR ...] [--out FILE.png]` (see `main`).
+`read_metrics` parses RUN/metrics.jsonl (one object per EM iteration, iteration 0 the starting model; a
+`ValueError` names the file and line). `plot` writes one PNG, atomically: a 2x3 grid of `PANELS` (accuracy,
+code-use rate, selection accuracy, E-step reward, M-step loss, clip fraction), runs of one "algo" in one colour.
+`summary_table` shows one run; `compare_table` groups runs by "algo": mean ± population std over its runs (seeds)
+per iteration, and a "final" row. An iteration logged twice (a resumed run) counts once, with its last line; a
+missing or non-finite value is left out (never drawn as 0).
 
-Conventions: an iteration logged twice (a resumed run appending again) counts once, with its last line; rows and
-points are in iteration order. A value that is not a finite number (a string, a bool, NaN) counts as missing.
-
-What it does not do: read checkpoints, TensorBoard or any file other than metrics.jsonl; smooth curves; compute
-confidence intervals or significance tests (the ± is the spread over seeds, not an error bar on the mean); align
-runs by wall time (x is always the iteration). matplotlib is needed only by `plot` and is imported there, so
-importing this module (and the tables) works without it.
+It does not read checkpoints or TensorBoard, smooth curves, compute confidence intervals (the ± is the spread over
+seeds), or align runs by wall time. matplotlib is imported only inside `plot`, so the tables work without it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """The training entry point: `python -m acim_fast.run [--preset P] [--field value ...] | --resume RUN_DIR` (see
 `--help`), in one process or on every rank of `torchrun --nproc_per_node N -m acim_fast.run ...`.
 
-What it does: prepares the run directory (config.json), the starting model and the problems; evaluates the starting
-model (iteration 0), then runs each EM iteration — the E-step (`estep.explore`), the M-step (`mstep.MStep`), the
-evaluation on the held-out problems (`evaluate.evaluate`) — and after each appends a line to RUN/metrics.jsonl and
-writes RUN/checkpoints/iter_NNNN atomically (`acim_fast.train.checkpoint`); ends with RUN/report.png and a summary
-table. `--resume RUN_DIR` goes on after the newest complete checkpoint with the same data order and seeds, so a run
-killed at any moment loses no finished iteration.
+It prepares the run directory (config.json), the starting model and the problems; evaluates the starting model
+(iteration 0); then runs each EM iteration (E-step `estep.explore`, M-step `mstep.MStep`, held-out evaluation
+`evaluate.evaluate`), appending a line to RUN/metrics.jsonl and writing RUN/checkpoints/iter_NNNN atomically
+(`acim_fast.train.checkpoint`); it ends with RUN/report.png and a summary table. `--resume RUN_DIR` goes on after
+the newest complete checkpoint with the same data order and seeds, so a killed run loses no finished iteration.
 
-What it does not do: the work of each phase (the modules named above), or choose hyper-parameters.
+It does not do the work of each phase (the modules named above) or choose hyper-parameters.
 """
 
 from __future__ import annotations

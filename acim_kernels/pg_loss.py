@@ -1,17 +1,14 @@
 """Triton row function of the policy loss: online log-sum-exp, target gather, loss epilogue and dlogits.
 
-One program handles one row of a logits chunk [r, V] in two sweeps over vocabulary blocks:
-1. online statistics per lane (running max, sum of exp, sum of exp * z for the entropy), reduced to
-   the row's log-sum-exp, the target log-prob and the entropy;
-2. (gradient modes) dL/dlogits = (g_logp (onehot - p) - g_H p (log p + H)) / T, written over the
-   chunk in place: each block is read before it is written, by the same program.
-In `epilogue` mode the per-token loss of a token-level objective (ppo, clip, tis, with dual clip, the
-importance weight, k3 KL, entropy bonus and SFT NLL) and its dL/dlogp are computed in the kernel,
-between the two sweeps; in `grads` mode dL/dlogp and dL/dH come from outside (gspo). The formulas
-mirror `pg_loss_ref.token_loss`, which is the specification the tests hold this kernel to.
+One program handles one row of a logits chunk [r, V] in two sweeps over vocabulary blocks: first online
+statistics (running max, sum of exp, sum of exp * z for the entropy) reduced to the row's log-sum-exp, target
+log-prob and entropy; then, in the gradient modes, dL/dlogits = (g_logp (onehot - p) - g_H p (log p + H)) / T
+written over the chunk in place (each block is read before it is written, by the same program). In `epilogue`
+mode the per-token loss of a token-level objective and its dL/dlogp are computed in the kernel between the
+sweeps; in `grads` mode (gspo) dL/dlogp and dL/dH come from outside. The formulas mirror `pg_loss_ref.token_loss`.
 
-The matmul producing the chunk stays in cuBLAS (see `pg_loss_chunked.linear_loss`). This module
-imports triton at import time: `acim_kernels` imports it only when the Triton implementation is used.
+It does not do the matmul producing the chunk (cuBLAS, in `pg_loss_chunked.linear_loss`). It imports triton at
+import time: `acim_kernels` imports it only when the Triton implementation is used.
 """
 
 from __future__ import annotations

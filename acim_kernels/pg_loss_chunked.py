@@ -1,24 +1,15 @@
 """The policy loss without an `[N x V]` tensor: row chunks, gradients computed during the forward pass.
 
-Two drivers share one plan:
-- `linear_loss(hidden, weight, bias, ...)`: per chunk of valid rows, `logits = hidden @ weight.T + bias`
-  ([rows x V], never [N x V]), then a *row function* turns the chunk into log-probs, entropy, the
-  chunk's loss and dlogits, and the chunk's dlogits go straight into `dhidden`, `dweight`, `dbias`.
-- `logits_loss(logits, ...)`: the same over materialised logits, writing dlogits (optionally over the
-  logits themselves).
+`linear_loss(hidden, weight, bias, ...)` computes, per chunk of valid rows, `logits = hidden @ weight.T + bias`;
+a pluggable row function (`torch_rows` here, exact fp32; or the Triton one of `pg_loss.py`) turns the chunk into
+log-probs, entropy, loss and dlogits, which go straight into `dhidden`, `dweight`, `dbias`. `logits_loss` does the
+same over materialised logits (optionally writing dlogits over them). For a token-level objective dL/dlogp_i and
+dL/dH_i depend on token i alone (see `pg_loss_ref`), so gradients are computed in the forward pass with one matmul
+per chunk, as eager needs, and backward only scales them (hence one backward per forward); gspo's sequence ratio
+takes a statistics pass first (one extra matmul). Masked rows are skipped. Chunks are rows bounded by an element
+budget, not vocabulary slices: dlogits needs the whole row's log-sum-exp, so slicing V would cost a second matmul.
 
-Gradients are computed in the forward pass rather than by recomputation in backward: for a token-level
-objective dL/dlogp_i and dL/dH_i depend on token i alone (see `pg_loss_ref`), so one matmul per chunk
-suffices, the same count as eager, and backward only scales the stored gradients by the incoming
-scalar. gspo's sequence ratio couples tokens: it takes a statistics pass first, differentiates the
-[N]-sized loss with autograd, then a gradient pass (one extra matmul).
-
-Masked rows are skipped entirely (prompt tokens cost nothing). The row function is pluggable:
-`torch_rows` here (the CPU fast path: exact fp32 statistics over a [rows x V] chunk) or the Triton one
-in `pg_loss.py` (online log-sum-exp over vocabulary blocks). Chunks are rows, not vocabulary
-slices: a chunk's size is bounded by an element budget (fewer rows as V grows), and slicing the
-vocabulary too would cost a second matmul, since dlogits needs the whole row's log-sum-exp.
-This module does not validate arguments: `fused_loss.py` does.
+It does not validate arguments (`fused_loss.py` does).
 """
 
 from __future__ import annotations

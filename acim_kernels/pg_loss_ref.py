@@ -1,19 +1,16 @@
-"""The off-policy policy-gradient loss: its configuration, its per-token specification, and the reference.
+"""The off-policy policy-gradient loss: its configuration (`LossConfig`), its per-token specification, the reference.
 
-This module is the executable specification that the chunked and Triton implementations are tested
-against. `policy_loss_ref` materialises the full `[N, V]` logits in fp32 (fp64 stays fp64, for
-gradcheck), takes `log_softmax`, gathers the targets and lets autograd differentiate everything: slow
-and memory-hungry on purpose, and obviously correct.
-
-The loss is a weighted sum of per-token terms, `loss = sum_i w_i * l_i`, where the weights `w_i` carry
-the loss mask and the aggregation (see `token_weights`) and depend on nothing the model computes, and
+`policy_loss_ref` materialises the full `[N, V]` logits in fp32 (fp64 stays fp64, for gradcheck), takes
+`log_softmax` and lets autograd differentiate everything: slow and memory-hungry on purpose, obviously correct, and
+the oracle the chunked and Triton implementations are tested against. The loss is `sum_i w_i * l_i`, the weights
+carrying the loss mask and the aggregation (`token_weights`) and depending on nothing the model computes, with
 
     l_i = is_w_i * pg_i  +  kl_coef * k3_i  -  entropy_coef * H_i  +  sft_coef * sft_i * (-logp_i)
 
-with `pg_i` the policy-gradient term of the configured objective. That split is what lets the fast
-implementations compute dL/dlogp per token during the forward pass.
+(`pg_i` the configured objective's term). That split is what lets the fast implementations compute dL/dlogp per
+token during the forward pass.
 
-It does not pick implementations or dispatch: see `fused_loss.py` for the public entry points.
+It does not pick an implementation or dispatch (`fused_loss.py` holds the public entry points).
 """
 
 from __future__ import annotations

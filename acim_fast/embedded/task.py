@@ -1,30 +1,15 @@
-"""The embedded task: seeded, procedurally generated arithmetic word problems with exact answers and demonstrations.
+"""The embedded task: seeded arithmetic word problems with exact answers, and prose and code demonstrations.
 
-What it does:
-- Six families, each with a difficulty knob `level` (1..4, the size of the numbers). The tiny char-level model of
-  `acim_fast.embedded.tiny` after its warm-up (`acim_fast.embedded.warmup`) copies digits almost perfectly but cannot do multi-digit
-  arithmetic, and the families are built around that, so that it meets both sides of the code decision
-  (`acim_fast.embedded.warmup.measure_regions` measures where each family and level falls):
-  - region ii, code pays and prose cannot work: `mul` (a*b), `pow` (a^b), `mod` (a mod m), `add` (a+b). The prose
-    route must write a multi-digit result in one step; the code route only copies the numbers into `print(...)`
-    and the printed value into the box.
-  - region i, prose pays and code is fragile: `cancel` ("a*b+c-a*b", answer c) at levels 3-4, where a and b are
-    round numbers with runs of 5-10 zeros. The prose route is one step (the products cancel; copy c); the code
-    route must copy four runs of zeros exactly, and a run gives a copying model no cue to where it ends.
-  - the mixed middle: `cancel` at levels 1-2 (random 2-3 digit operands: both routes work), `units` (units digit
-    of a*b: one look-up in a one-digit table in prose, which the warm-up learns only partly) and `mod` at level 1.
-- Every problem carries two demonstrations: a prose solution ending in `\\boxed{answer}`, and a code solution: a
-  python cell printing `expr`, its output block holding the REAL output (`expr` evaluated by Python, here, not by
-  the sandbox), then `\\boxed{answer}`, in the cell format of `acim_fast.execution.prompts.CellFormat`. The code demonstration
-  is returned in three parts (`CodeDemo`) so a trainer can leave the output block, tool output, out of the loss.
-- Deterministic: `generate(n, seed=...)` depends on its arguments only. Held-out split: a problem belongs to the
-  eval split iff a hash of its question falls in bucket 0 of `EVAL_BUCKETS`, whatever the seed, so no question can
-  be drawn in both splits.
-- Short by construction, for a short-context model: questions fit the plain prompt template in under 80
-  characters, demonstrations are under 200 (checked by the tests).
+Six families with a `level` 1-4, built around what the tiny model can learn (copy digits, not do multi-digit
+arithmetic) so that it meets both sides of the decision: code pays (`mul`, `pow`, `mod`, `add`: prose would have
+to write a multi-digit result in one step), prose pays (`cancel` "a*b+c-a*b" at levels 3-4, whose operands carry
+runs of zeros that code would have to copy exactly), and a mixed middle (`cancel` 1-2, `units`, `mod` level 1).
+A problem's code demonstration (`CodeDemo`: cell, output, tail) holds the real output, evaluated here by Python,
+in `execution.prompts.CellFormat`. `generate(n, seed=...)` depends on its arguments only; a question is held out
+iff its hash falls in bucket 0 of `EVAL_BUCKETS`, whatever the seed. Questions fit the plain prompt in under 80
+characters and demonstrations are under 200, for a short-context model.
 
-What it does not do: prompts or tokenisation (`acim_fast.execution.prompts`, `acim_fast.embedded.tiny`), training (`acim_fast.embedded.warmup`), or
-non-integer answers.
+It does not build prompts, tokenise or train, and has integer answers only.
 """
 
 from __future__ import annotations

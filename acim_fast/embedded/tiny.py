@@ -1,21 +1,13 @@
 """The tiny default model: a character-level tokenizer and a small Llama initialised from scratch, in HF format.
 
-What it does:
-- `build_tokenizer()`: a `tokenizers` BPE model with no merges over printable ASCII, newline and tab, one token per
-  character, plus the special tokens `EOS` ("<|endoftext|>"), `PAD` and `UNK` (any other character). No
-  pre-tokenizer and no normaliser, so `decode(encode(text)) == text` for every ASCII text (spaces and newlines
-  included), which the rollout loop relies on (stop strings on decoded text, output blocks tokenised on their own).
-- `TinyConfig` (validated, ValueError naming the field) and `create_tiny(path, config)`: writes a fresh model as
-  config.json + model.safetensors (through `CausalLM.save_pretrained`) and the tokenizer as tokenizer.json +
-  tokenizer_config.json (through transformers' `PreTrainedTokenizerFast`), a directory that transformers'
-  `AutoModelForCausalLM` / `AutoTokenizer`, our `CausalLM.from_pretrained` and vLLM (head_dim >= 32) all load.
-  Weights are drawn N(0, 0.02) (norms 1), seeded: PyTorch's default init, which `CausalLM` keeps, is too wide
-  for training from scratch.
-- `load_tokenizer(path)` and `codec(tokenizer)`: the `encode` / `decode` callables the sampler, the rollout loop
-  and the trainer take (ids without special tokens added; decode skips specials).
+`build_tokenizer` is a `tokenizers` BPE without merges over printable ASCII, newline and tab, plus EOS, PAD and
+UNK; with no pre-tokenizer or normaliser `decode(encode(text)) == text`, which the rollout loop relies on (stop
+strings on decoded text, output blocks tokenised on their own). `create_tiny(path, config)` writes a directory that
+transformers, our `CausalLM.from_pretrained` and vLLM (head_dim >= 32) all load, with weights drawn N(0, 0.02):
+PyTorch's default init is too wide for training from scratch. `codec` gives the `encode` / `decode` callables the
+engine, the rollout loop and the trainer take.
 
-What it does not do: train (`acim_fast.embedded.warmup`), chat templates (the plain prompt of `acim_fast.execution.prompts` applies), or
-any vocabulary beyond ASCII.
+It does not train (`acim_fast.embedded.warmup`), use chat templates, or know characters beyond ASCII.
 """
 
 from __future__ import annotations

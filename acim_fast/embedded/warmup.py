@@ -1,35 +1,16 @@
 """Warm-up SFT (the preconditioning before RL) on the embedded task, and the measurement of its decision regions.
 
-What it does:
-- `demonstration(problem, code=..., ...)` renders one training example from a `TaskProblem`: the plain prompt of
-  `acim_fast.execution.prompts` (loss mask 0), then the prose or the code demonstration and EOS (mask 1), except the output
-  block of a code demonstration (tool output: mask 0, as the rollout loop will append it) and, for a
-  `triggered` one, the forced code prefix of `prompts.build_prompt(mode="code")` (mask 0: a forced prefix is not
-  the model's choice, and a model that never learns to write it keeps deciding at its first token).
-- `examples(config, count)`: training examples. Prose or code is a coin flip (`code_fraction`) independent of the
-  family and level, so the warmed-up model picks code at random, not by difficulty: deciding is RL's job. A share
-  of the examples (`trigger_fraction`) are code demonstrations after the forced code prefix, so that the prefix
-  forces code in the tiny model too.
-- Packing: `acim_fast.train.packing.pack` of `Row(example.ids, {"loss_mask": example.mask})` (the mask of a row is its
-  target's).
-- `train_sft(model, encode, eos_id, config)`: AdamW, linear warm-up then cosine decay (`acim_fast.train.optim`), gradient
-  clipping; each
-  step one pack through the dense path (`CausalLM.forward_hidden`) and the fused loss (`acim_kernels.policy_loss`
-  with its `sft_coef` term alone: advantages 0, so the loss is the mean NLL over the masked-in tokens). Seeded;
-  returns the per-step losses. `warm_up(path, ...)` does it all: fresh tiny model, SFT, saved in place.
-- `measure_regions(model_dir, ...)`: greedy accuracy on held-out problems per family, level and mode, through
-  the real rollout loop (`Engine` + `Sandbox` + verifier): "code" forced by the code prefix of
-  `prompts.build_prompt` (appended as forced response tokens), "prose" forced by banning `prompts.fence_start_ids`
-  at every step (the Engine's own `forbid` lasts one step, so the ban sits in the logits of a model wrapper),
-  "autonomous" left to the model; for it also the mean first-token probability of opening a cell, the decision
-  the warm-up left (about 0.5 everywhere when it worked). `format_regions` prints the table. To rerun:
+`demonstration` renders one example: the plain prompt (loss mask 0), then the prose or code demonstration and EOS
+(mask 1), except a code demonstration's output block (tool output, mask 0) and, for a `triggered` one, the forced
+code prefix (mask 0: a model that never learns to write the prefix keeps deciding at its first token). `examples`
+flips prose or code by `code_fraction`, independently of family and level, so the warmed-up model picks code at
+random (deciding is RL's job); `trigger_fraction` of them are code after the forced prefix, so that the prefix
+forces code in the tiny model too. `train_sft` packs them (`train.packing`) and trains with AdamW + warm-up/cosine
+through the fused loss's `sft_coef` term alone; `warm_up(path)` creates the tiny model, trains and saves it.
+`measure_regions` measures greedy accuracy per family, level and mode through the real rollout loop ("prose" is
+forced by a ban in a model wrapper, since the Engine's `forbid` lasts one step); `format_regions` prints it.
 
-      from acim_fast.embedded.warmup import format_regions, measure_regions, warm_up
-      warm_up("runs/tiny")  # fresh tiny model + SFT, saved there
-      print(format_regions(measure_regions("runs/tiny", per_cell=40)))
-
-What it does not do: RL, checkpoints mid-run, distributed training, or SFT on external data (the rows of
-`acim_fast.data` carry no demonstrations).
+It does not do RL, distributed training, mid-run checkpoints, or SFT on external data.
 """
 
 from __future__ import annotations

@@ -1,27 +1,15 @@
 """A Llama / Qwen2 decoder as a plain `nn.Module`, loaded from and saved to Hugging Face checkpoint directories.
 
-What it does:
-- `ModelConfig.from_hf_dict` reads a Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_scaling` or
-  5.x `rope_parameters`): RMSNorm, RoPE ("default", "linear", "llama3"), GQA, SwiGLU, q/k/v(/o) biases as the
-  config says, tied or untied embeddings.
-- `CausalLM.from_pretrained(dir)` reads `model.safetensors` or sharded `*.safetensors` + `model.safetensors.index.json`
-  with safetensors alone (no transformers model class); a tensor that is missing, unexpected or of the wrong shape
-  raises `ValueError` naming it; `prepare=` runs on the meta-device model first (e.g. FSDP2 sharding, so that each
-  rank loads only its shards). `save_pretrained(dir)` writes the same format (sharded with an index when large),
-  every file atomically (temp file + `os.replace`).
-- Two attention paths over packed tokens `[N, ...]` (no batch dimension, no padding):
-  `forward_hidden(ids, cu_seqlens=...)` is the dense/varlen path for training-time log-prob passes (causal within
-  each packed sequence, SDPA per sequence, differentiable, optionally with activation checkpointing per decoder
-  block); `forward_paged(ids, kv, batch)` is the inference path over a paged KV pool (prefill and decode chunks
-  mixed, through `acim_kernels.paged_attention`). On the CPU, a decode-only batch whose sequences share leading
-  blocks (forks of one prompt) instead goes through `decode_attention_shared_prefix`, which reads each shared prefix
-  once per step rather than once per sequence (checked against `paged_attention_ref`).
-- The final hidden states are exposed apart from the lm_head (`forward_hidden` and `lm_head_weight`), so that a fused
-  loss can consume `hidden [N, H]` and `weight [V, H]` without materialising logits.
+`ModelConfig.from_hf_dict` reads config.json (transformers 4.x or 5.x RoPE fields; RoPE "default", "linear",
+"llama3"; GQA; biases; tied embeddings). `CausalLM.from_pretrained` reads (sharded) safetensors without
+transformers; `prepare=` runs on the meta-device model first (FSDP2 sharding, so each rank loads only its shards);
+`save_pretrained` writes every file atomically. Two paths over packed tokens `[N, ...]`: `forward_hidden` (dense,
+per-sequence SDPA, differentiable, optional activation checkpointing) for training, `forward_paged` over a paged KV
+pool (via `acim_kernels.paged_attention`) for sampling. On CPU a decode-only batch whose sequences share leading
+blocks (forks) goes through `decode_attention_shared_prefix`, which reads each shared prefix once per step. The
+final hidden states and `lm_head_weight` are exposed so a fused loss never materialises the logits.
 
-What it does not do: sliding-window attention, RoPE types other than the three above, tensor parallelism, weight
-initialisation schemes (a fresh `CausalLM(config)` has PyTorch's default init, which is enough for tests),
-tokenisation, or sampling (see `acim_fast.engine.sampling`).
+It does not do sliding windows, other RoPE types, tensor parallelism, init schemes, tokenisation or sampling.
 """
 
 from __future__ import annotations

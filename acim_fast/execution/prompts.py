@@ -1,30 +1,15 @@
 """Prompt formats: how a problem is shown to the model in each decision mode, and how prose is forced.
 
-What it does:
-- `build_prompt(problem, mode=..., tokenizer=...)` returns a `Prompt(text, response_prefix)`. `text` is the same in
-  every mode, so a sample trained on carries no methodology instruction whatever mode produced it:
-  - with a tokenizer that has a chat template (transformers' `chat_template`), one user message, the problem
-    followed by `ANSWER_INSTRUCTION` (the answer format the verifier reads, not a method: Qwen2.5-Math's
-    "reason step by step" / "integrate ... programs" prompts would each push one decision), rendered by
-    `tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`;
-  - otherwise `PLAIN_TEMPLATE`, "Problem: <problem>\\nSolution:\\n": short, for a tiny char-level model that learns
-    the answer format from its warm-up data rather than from an instruction. The final newline lets a response
-    open a python cell on its first line.
-- Modes. "autonomous" (training and evaluation): no response prefix, the model decides. "code" (the E-step's code
-  branch and evaluation's forced-code mode): the response starts with `CODE_TRIGGER` and a newline; whether those tokens stay in
-  the trained sample is the trainer's choice. "prose": no prefix either; prose is forced ONLY by forbidding the
-  token ids `fence_start_ids` returns, never by an instruction.
-- `fence_start_ids(decode, vocab_size)` scans the vocabulary for every token that can hold the first character of
-  the cell opening `CellFormat.open` ("```python"): a token that contains it, or one with a suffix that is a
-  proper prefix of it (for a char-level vocabulary, just "`"; for BPE also "\\n```", "``", ")`" ...). An
-  occurrence of the fence starts inside some token, so banning this set at a step bans every fence starting at that
-  step; banned at every step, no fence can ever open. It also bans inline code that ends a token with "`".
-- `CellFormat`: the text of a python cell and of its output block (the rollout loop, the task and SFT use it).
+`build_prompt(problem, mode=..., tokenizer=...)` gives a `Prompt(text, response_prefix)` whose `text` is the same in
+every mode, so no trained sample carries a methodology instruction: the tokenizer's chat template with the problem
+and `ANSWER_INSTRUCTION` (the answer format only: a "reason step by step" or "use programs" prompt would push one
+decision), else `PLAIN_TEMPLATE` (its final newline lets a response open a cell on its first line). Mode "code"
+puts `CODE_TRIGGER` in the response prefix; "prose" is forced only by banning `fence_start_ids`: every token that
+contains the first character of `CellFormat.open` or ends with a proper prefix of it, so no fence can start at a
+banned step. `CellFormat` is the text of a python cell and of its output block.
 
-What it does not do: tokenise (callers encode `text` and `response_prefix` separately and append the prefix's ids
-as forced response tokens, so that the prompt ends where sampling starts in every mode), apply the ban (the
-sampler's `banned_token_ids`), few-shot examples, system prompts of its own (a template's default system message stays), or
-multi-turn chats.
+It does not tokenise (callers encode text and prefix apart, so the prompt ends where sampling starts), apply the
+ban (the sampler does), or add few-shot examples, system prompts of its own or multiple turns.
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
-"""A policy: the network with its tokenizer, stop ids and prompt encoding, as rollouts (E-step, evaluation) need it.
+"""A policy as rollouts (E-step, evaluation) need it: the network with its tokenizer, stop ids and prompt encoding.
 
-What it does:
-- `RolloutModel` bundles our `CausalLM`, `encode` (text -> ids, no special tokens added), `decode` (ids -> text, special
-  tokens skipped), the stop ids, and optionally a transformers tokenizer whose chat template renders the prompt
-  (None: `prompts.PLAIN_TEMPLATE`). `RolloutModel.prompt_ids(problem)` gives the prompt's ids and the ids of the forced
-  code prefix, each encoded on its own (the prompt ends where sampling starts in every mode; see prompts.py);
-  `RolloutModel.fence_ids` the tokens that can start a code fence (banned to force prose), computed once.
-- `RolloutModel.engine(...)`: the rollout engine over the policy's weights: our `sampler.Engine`, or, when the policy has a
-  `backend` (e.g. `vllm_engine.VLLMBackend`), the backend's engine with the same interface.
-- `load_rollout_model(dir)`: our `CausalLM` and the directory's `transformers.AutoTokenizer`. Rollouts stop on the
-  tokenizer's eos id and those of config.json.
+`RolloutModel` bundles our `CausalLM`, `encode` / `decode` (no special tokens added; specials skipped), the stop
+ids and optionally a transformers tokenizer whose chat template renders the prompt. `prompt_ids(problem)` encodes
+the prompt and the forced code prefix each on its own (see prompts.py); `fence_ids` are the tokens banned to force
+prose, computed once; `engine(...)` is our `engine.paged_engine.Engine` over the weights, or, with a `backend`
+(`engine.vllm_backend.VLLMBackend`), the backend's engine with the same interface. `load_rollout_model(dir)` loads
+the model and the directory's `AutoTokenizer`; rollouts stop on its eos id and those of config.json.
 
-What it does not do: sample (the sampler), train, or save (checkpoints are the trainer's).
+It does not sample, train, or save.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Crash-safe checkpoints of a run: one directory per iteration, complete or absent.
 
-What it does:
-- `save(run_dir, iteration, policy, trainer_state, files, dist=...)` writes `checkpoints/iter_NNNN/`: the model in
-  Hugging Face format (config.json + model.safetensors, `CausalLM.save_pretrained`, from rank 0's full copy), the
-  tokenizer files, `trainer/` (optimiser, schedule and step count through `torch.distributed.checkpoint`: each rank
-  writes its own shard, and a later run of another world size reshards on load) and the given extra files (e.g. the
-  evaluation report). Everything goes to a temporary sibling directory first, each file is flushed to disk, and rank 0
-  renames the directory into place (then syncs the parent): a reader, or a resumed run after a SIGKILL at any
-  moment, sees either the whole checkpoint or none of it. Several ranks need a filesystem they all see.
-- `latest(run_dir)`: the newest complete checkpoint (temporary directories are ignored); `clean(run_dir)` removes
-  the temporary directories a killed run left behind.
-- `load_trainer_state(checkpoint, template)`: `trainer/` loaded into the state of a freshly built trainer.
-- `prune_trainer_states(run_dir, keep)`: removes `trainer/` from all but the newest `keep` checkpoints. The trainer
-  state is most of a checkpoint (optimiser moments and, for a bf16 model, the fp32 masters: 12-16 bytes per
-  parameter against the model's 2) and only the newest is needed to resume.
+`save` writes `checkpoints/iter_NNNN/`: the HF model (rank 0's full copy) and tokenizer, `trainer/` (optimiser,
+schedule, step count, fp32 masters, through `torch.distributed.checkpoint`: each rank writes its shard, and another
+world size reshards on load) and extra files (the evaluation report). All goes to a temporary sibling directory,
+each file flushed, then rank 0 renames it into place and syncs the parent: after a SIGKILL at any moment a reader
+sees the whole checkpoint or none. `latest` finds the newest complete one, `clean` removes temporary ones,
+`load_trainer_state` loads `trainer/` into a freshly built trainer's state, `prune_trainer_states` drops `trainer/`
+(most of a checkpoint's size) from all but the newest `keep`. Several ranks need a filesystem they all see.
 
-What it does not do: remove whole checkpoints (a run keeps every iteration's model and evaluation report).
+It does not remove whole checkpoints: every iteration's model and evaluation report stay.
 """
 
 from __future__ import annotations

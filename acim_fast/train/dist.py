@@ -1,24 +1,15 @@
 """Data-parallel training with FSDP2 under torchrun: process group, sharding, collectives and weight gathering.
 
-What it does:
-- `from_env()`: under torchrun (RANK and WORLD_SIZE set) joins the process group that torchrun's rendezvous set up
-  (gloo for CPU, nccl for CUDA, the device `cuda:LOCAL_RANK`) and returns a `Dist`; a plain process gets None.
-  Multi-node runs use torchrun's own rendezvous (`--nnodes`, `--rdzv-endpoint`): nothing here launches processes.
-- `world_of_one(device)`: a process group of this process alone, for a plain process that trains a bf16 model: it
-  takes the same FSDP2 path, whose mixed precision keeps fp32 master weights.
-- `shard(model, dist, compute_dtype=...)`: FSDP2 `fully_shard` on every decoder block, then on the root (embedding,
-  final norm, lm_head); `forward_hidden` is registered as a forward method so FSDP gathers the parameters around it.
-  The root keeps its parameters gathered from forward to backward (FSDP2's default for the root), which is what lets
-  the fused loss read `lm_head_weight` after `forward_hidden`. With a `compute_dtype` below the parameters' (bf16 on
-  fp32 masters): the gathered parameters and the compute in that dtype, the gradient reduction and the sharded
-  master parameters, hence the optimiser's updates, in fp32.
-- `Dist`: rank, world size, device, mesh, and the few collectives the trainer needs (sums of floats, gathering
-  Python objects, every rank's share of a list and gathering them back, a barrier).
-- `copy_full_weights(sharded, into)`: the trained (sharded) parameters copied whole into a per-rank sampler's model,
-  gathered one tensor at a time: besides the two models, one unsharded tensor exists at any moment (a full fp32
-  copy of a 7B model would be 28 GB on every GPU).
+`from_env()` joins the group torchrun set up (gloo on CPU, nccl on `cuda:LOCAL_RANK`), or gives None; `world_of_one`
+is a group of this process alone, so a plain process training a bf16 model takes the same path and gets fp32
+masters. `shard` applies `fully_shard` per decoder block, then at the root, and registers `forward_hidden` as a
+forward method; the root stays gathered from forward to backward (FSDP2's default), which lets the fused loss read
+`lm_head_weight` after `forward_hidden`. With a lower `compute_dtype` (bf16), compute is in it; gradient reduction,
+master shards and updates are fp32. `Dist` holds rank, world, device, mesh and the few collectives the trainer
+uses (float sums, object gathers, `share` of a list and gathering back, barrier). `copy_full_weights` fills a
+rank's sampler one gathered tensor at a time, never a full unsharded copy.
 
-What it does not do: tensor or pipeline parallelism, or pick the world size (torchrun does).
+It does not launch processes, choose the world size, or do tensor or pipeline parallelism.
 """
 
 from __future__ import annotations
