@@ -1,5 +1,5 @@
 """Shared by tests/ and bench/: the warmed-up tiny model of the embedded default (made once per session), and the
-`slow` marker for every test that needs it, so `pytest -m "not slow"` is a quick loop."""
+`slow` marker for every test that needs it or starts several processes, so `pytest -m "not slow"` is a quick loop."""
 
 import os
 
@@ -30,7 +30,8 @@ def policy(warm_model):
 
 
 def pytest_collection_modifyitems(items):
-    # The warm-up alone takes ~1.5 min: whatever needs the warmed-up model is slow, whatever else it does.
+    # The warm-up alone takes ~1.5 min: whatever needs the warmed-up model is slow, whatever else it does; so is
+    # whatever starts several processes. Other slow tests carry the mark themselves.
     for item in items:
-        if "warm_model" in getattr(item, "fixturenames", ()):
+        if "warm_model" in getattr(item, "fixturenames", ()) or item.get_closest_marker("dist"):
             item.add_marker(pytest.mark.slow)

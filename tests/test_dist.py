@@ -27,6 +27,7 @@ def _run(args, out, *extra):
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+@pytest.mark.dist
 def test_two_process_fsdp_step_equals_the_single_process_step(tmp_path):
     """Also with activation checkpointing, where backward recomputes each block inside FSDP's per-block gathers."""
     one = _run([], tmp_path / "one.pt")
@@ -48,6 +49,7 @@ def test_two_process_fsdp_step_equals_the_single_process_step(tmp_path):
     assert two["block_calls"] == [plain_calls[0], 2 * plain_calls[1]] and plain_calls[1] > 0
 
 
+@pytest.mark.dist
 def test_mixed_precision_step_computes_in_bf16_and_tracks_the_fp32_step(tmp_path):
     """The GPU's FSDP2 policy (bf16 parameters for compute, fp32 gradient reduction, fp32 master shards), run on
     2 CPU processes: gloo carries bf16 as nccl does, so only the device differs from the GPU path."""
@@ -67,6 +69,7 @@ def test_mixed_precision_step_computes_in_bf16_and_tracks_the_fp32_step(tmp_path
     assert not torch.equal(step["one"], step["mixed"]), "bf16 compute changed nothing: it did not run"
 
 
+@pytest.mark.dist
 def test_two_process_run_matches_one_process_and_resumes_on_one(warm_model, tmp_path):
     """torchrun with 2 CPU processes on the reduced preset: E-step shards merge into the single-process E-step, the
     M-step equals it, and a 2-process run killed after iteration 1 resumes in ONE process (the optimiser state

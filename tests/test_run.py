@@ -128,6 +128,7 @@ def test_a_jsonl_dataset_trains_with_the_same_code(warm_model, tmp_path):
     assert [p["id"] for p in report["problems"]] == [f"eval.jsonl-{i}" for i in range(4)]
 
 
+@pytest.mark.slow
 def test_embedded_default_creates_and_warms_up_its_model(tmp_path):
     config = _smoke(tmp_path / "run", None, warmup_steps=3, iterations=1, problems_per_iter=2, eval_problems=2)
     records = train(config, log=lambda _: None)

@@ -143,6 +143,7 @@ THREAT_IDS = [t[0] for t in THREATS]
 THREAT_CASES = [t[1:] for t in THREATS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code, statuses, error, output", THREAT_CASES, ids=THREAT_IDS)
 def test_hostile_cell_is_contained(sandbox, code, statuses, error, output):
     start = time.monotonic()
@@ -158,6 +159,7 @@ def test_hostile_cell_is_contained(sandbox, code, statuses, error, output):
 DEEP_TREE = "import os\ntop = os.getcwd()\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "code",
     ["import os\nos.write(3, b'[' * 30000)",  # a report that makes json.loads raise RecursionError
@@ -289,6 +291,7 @@ def test_replay_is_deterministic_across_servers(sandbox):
         assert other.run("print(r, s)", (code,)).output == first.output
 
 
+@pytest.mark.slow
 def test_slow_cell_does_not_hold_back_others(sandbox):
     slow = sandbox.submit("while True:\n    pass")
     fast = sandbox.submit("print('fast')")
@@ -297,6 +300,7 @@ def test_slow_cell_does_not_hold_back_others(sandbox):
     assert slow.result().status == "timeout"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
 def test_long_running_cell_is_demoted(namespaces):
     options = {**OPTIONS, "demote_after_s": 0.05, "concurrency": 1}  # one slot: the next cell reuses it
@@ -322,6 +326,7 @@ def test_fallback_reports_its_isolation():
         assert "blocked" in sb.run("import subprocess\nsubprocess.run(['true'])").error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
 def test_server_death_fails_in_flight_cells_and_recovers(namespaces):
     others = _servers()  # the module's sandbox may be alive too
@@ -350,6 +355,7 @@ def test_close_kills_running_cells():
         sb.submit("pass")
 
 
+@pytest.mark.slow
 def test_close_removes_what_a_dead_server_left():
     others = _servers()
     sb = Sandbox(SandboxOptions(**OPTIONS, namespaces=False))  # cells' directories are on the host

@@ -226,6 +226,7 @@ def test_reasons(pool):
     assert pool.verify(rf"\boxed{{{many_digits}}}", "0" + many_digits).reason == "correct"
 
 
+@pytest.mark.slow
 def test_never_raises_on_garbage(pool):
     garbage = [
         "",
@@ -270,6 +271,7 @@ def _load(name: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "threshold"), [("math500.jsonl", 0.99), ("gsm8k.jsonl", 0.99)])
 def test_reference_solutions_verify(pool, name, threshold):
     rows = _load(name)
@@ -282,6 +284,7 @@ def test_reference_solutions_verify(pool, name, threshold):
     assert rate >= threshold, failures
 
 
+@pytest.mark.slow
 def test_math500_gold_answers_through_math_verify(pool):
     """The reference answers above mostly match the gold string exactly and never reach math-verify;
     this sends every (extracted reference answer, gold) pair through the workers, so a gold answer
@@ -299,6 +302,7 @@ def test_math500_gold_answers_through_math_verify(pool):
 # Time bound, recovery, threads
 
 
+@pytest.mark.slow
 def test_timeout_returns_zero_and_pool_recovers(pool):
     start = time.monotonic()
     verdict = pool.verify(HUGE, "1", timeout=1.0)
@@ -320,6 +324,7 @@ def test_pool_recovers_from_a_dead_worker(pool):
     assert [v.reason for v in verdicts] == ["correct", "wrong"]
 
 
+@pytest.mark.slow
 def test_non_main_thread(pool):
     results: dict[str, object] = {}
 
@@ -369,6 +374,7 @@ pool.verify(r"\boxed{9^{9^{9^{9}}}}", "1")  # killed in here
 """
 
 
+@pytest.mark.slow
 def test_orphaned_worker_ends_its_check():
     """A trainer killed hard (SIGKILL, OOM) cannot kill its workers, and a check stuck in C code
     never reads its closed stdin: the worker's CPU-time limit must end it."""
