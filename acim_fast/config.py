@@ -15,17 +15,16 @@ import argparse
 import dataclasses
 import json
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from acim_fast.train.estep import Algo, EStepConfig
-from acim_fast.evaluate import EvalOptions
-from acim_fast.train.mstep import MStepConfig
 from acim_fast.common.fields import add_field_flags, check_int, option
 from acim_fast.engine.vllm_backend import VLLMOptions
+from acim_fast.evaluate import EvalOptions
+from acim_fast.train.estep import Algo, EStepConfig
+from acim_fast.train.mstep import MStepConfig
 from acim_kernels import LossConfig
-
 
 BACKENDS = ("ours", "vllm")
 PRESETS = ("default", "smoke")

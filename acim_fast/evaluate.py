@@ -1,40 +1,13 @@
 """Evaluation: greedy Pass@1 with the tool loop, code-use rate, code-selection accuracy (python -m acim_fast.evaluate).
 
-What it does:
-- `evaluate(model, problems, ...)` runs, for every problem, through one `Engine` + `RolloutLoop` + `Sandbox` (all
-  rollouts of all problems in one continuous batch):
-  - ONE greedy rollout in "autonomous" mode (the prompt carries no methodology instruction). Its reward is the
-    problem's Pass@1; whether it opened a python cell (`RolloutRecord.used_code`) is the model's own decision.
-  - `k` sampled rollouts with each decision forced (`temperature`, `top_p`; every sample seeded from `seed`, the
-    problem's source and id, the mode and the sample's index, so a problem's samples do not depend on which other
-    problems are evaluated, nor on their order). Code: the ids of `CODE_TRIGGER`, encoded apart, are appended to
-    the prompt ids (the prompt ends where sampling starts, as prompts.py requires; the trigger sits in the prompt,
-    not in the response, so `max_new_tokens` bounds only what the model writes in every mode and the verifier reads
-    only that). Prose: the fence-start ids (`fence_start_ids`) banned at every sampled step
-    (`SamplingParams.banned_token_ids`). A decision's success rate on a problem is its mean reward over its k
-    samples.
-- The oracle decision (`oracle_decision`): a decision SUCCEEDS on a problem when its success rate is above
-  `threshold` (default 0.5: right more often than wrong). Prose if prose succeeds, whatever code does (when both
-  work, the method without a tool call is the better choice); else code if code succeeds; else no label.
-  Code-selection accuracy is the share of labelled problems where the autonomous choice (code iff the greedy
-  autonomous rollout opened a cell) equals the oracle's (`selection_accuracy`). The paper's text of this definition
-  was not available to us: the strict "> threshold" and its default are our reading, a parameter for that reason.
-- `Report`: one row per problem and aggregates (`summarize`) over all problems, per `source` and per `level`
-  (problems that have one). `Report.write(path)` writes JSON atomically (temp file + `os.replace`);
-  `Report.table()` is the printed table. The report holds no timings: evaluating a checkpoint twice gives equal
-  reports (see "What it does not do" for the one caveat).
-- CLI: `python -m acim_fast.evaluate --model DIR --data FILE [--k 4] [--limit N] [--out report.json]
-  [--rollout-backend vllm] ...` (every `EvalOptions` field is a flag) prints the table, and the elapsed time on
-  stderr. With `--rollout-backend vllm` the rollouts run through vLLM (`vllm_engine`). Under `torchrun` every
-  process evaluates every world-th problem with its own copy of the model (and its own vLLM engine), and rank 0
-  prints and writes the whole report.
+`evaluate` runs, per problem, one greedy rollout whose prompt carries no methodology instruction (its Pass@1, and
+whether it opens a python cell: the model's own choice) and k seeded samples with each decision forced, code and
+prose; `oracle_decision` labels the decision that succeeds from their success rates, and a `Report` holds a row per
+problem and the aggregates (overall, per source, per level) as JSON and as a table. The CLI (every `EvalOptions`
+field is a flag) prints the table; under torchrun each rank evaluates its share and rank 0 prints and writes.
 
-What it does not do: Pass@k or majority voting, estimate the model's own decision distribution from samples (its
-choice is the greedy one), or checkpoint partial results (the report is written
-once at the end). Equal reports across runs also need each sequence's float results not to depend on its batch:
-code cells finish after varying wall-clock times, which changes which sequences share a step. On the CPU the tests
-find them batch-independent (the same rows whatever the problem order); other kernels may differ in the last bit,
-which can flip a near-tie.
+It does not compute Pass@k or majority votes, estimate the model's decision distribution from samples (its choice is
+the greedy one), or checkpoint partial results (the report is written once, at the end).
 """
 
 from __future__ import annotations
@@ -53,18 +26,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import tqdm
 
 from acim_fast.common.atomic import atomic_write
-from acim_fast.data import Problem, load_problems
-from acim_fast.train.dist import Dist, from_env
 from acim_fast.common.fields import add_field_flags, check_int, option
-from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
-from acim_fast.execution.rollout import RolloutLoop, RolloutRecord
 from acim_fast.common.hashing import stable_seed
+from acim_fast.data import Problem, load_problems
 from acim_fast.engine.sampling import SamplingParams
 from acim_fast.engine.vllm_backend import VLLMBackend
+from acim_fast.execution.rollout import RolloutLoop, RolloutRecord, rollout_engine
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
 from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.train.dist import Dist, Ranks, from_env
 
 DECISIONS = ("code", "prose")
-_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,7 +73,11 @@ class EvalOptions:
 # -- the oracle and the aggregates (pure functions) --
 
 def oracle_decision(code_rate: float, prose_rate: float, threshold: float = 0.5) -> str | None:
-    """"prose" if prose_rate > threshold, else "code" if code_rate > threshold, else None (no label)."""
+    """"prose" if prose_rate > threshold, else "code" if code_rate > threshold, else None (no label).
+
+    A decision succeeds when it is right more often than `threshold` (0.5: more often than wrong); when both do, the
+    method without a tool call is the better choice. The strict ">" and the default are our reading of the paper's
+    definition, hence a parameter."""
     for name, rate in (("code_rate", code_rate), ("prose_rate", prose_rate)):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise ValueError(f"{name} must be a success rate in [0, 1], got {rate!r}")
@@ -203,6 +179,9 @@ def summarize(rows: Sequence[ProblemResult]) -> Summary:
 
 @dataclass(frozen=True, kw_only=True)
 class Report:
+    """The rows and their aggregates. It holds no timings, so evaluating a checkpoint twice gives equal reports (as
+    long as each sequence's floats do not depend on the batch it decodes in: see `_rollouts`)."""
+
     options: EvalOptions
     meta: Mapping[str, Any]  # where the model and data came from, as given
     rows: list[ProblemResult]
@@ -263,9 +242,9 @@ def evaluate(model: str | os.PathLike | RolloutModel, problems: Iterable[Problem
 
     Options come from `options` (default `EvalOptions()`) with `fields` overriding it, e.g. `k=2`. A `sandbox`
     given is used and left open; otherwise one is started with `sandbox_timeout_s` and closed. `meta` goes into the
-    report as is (the CLI records the model and data paths there). With a `dist` (torchrun), each rank evaluates
-    every world-th problem and every rank gets the whole report: a problem's samples are seeded by the problem alone,
-    so its row is the one a single process would write.
+    report as is (the CLI records the model and data paths there). With a `dist` (torchrun), each rank evaluates its
+    share of the problems (`Dist.share`) and every rank gets the whole report: a problem's samples are seeded by the
+    problem alone, so its row is the one a single process would write.
     """
     base = EvalOptions() if options is None else options
     if not isinstance(base, EvalOptions):
@@ -288,10 +267,9 @@ def evaluate(model: str | os.PathLike | RolloutModel, problems: Iterable[Problem
     else:
         lm = load_rollout_model(model)
         meta.setdefault("model", str(model))
-    share = problems if dist is None else problems[dist.rank::dist.world]
-    rows = _rows(lm, share, opts, sandbox) if share else []
-    if dist is not None:
-        rows = dist.gather_shares(rows)
+    ranks = Ranks(dist)
+    share = ranks.share(problems)
+    rows = ranks.gather_shares(_rows(lm, share, opts, sandbox) if share else [])
     return Report.build(rows, opts, meta)
 
 
@@ -310,10 +288,15 @@ def _rows(lm: RolloutModel, problems: list[Problem], opts: EvalOptions, sandbox:
 
 
 def _rollouts(lm: RolloutModel, problems: list[Problem], opts: EvalOptions, sandbox: Sandbox) -> list[RolloutRecord]:
-    """Per problem, in this order: the greedy autonomous rollout, k forced-code ones, k forced-prose ones."""
+    """Per problem, in this order: the greedy autonomous rollout, k forced-code ones, k forced-prose ones; all
+    problems' rollouts in one continuous batch. Reports repeat only if each sequence's floats do not depend on which
+    sequences share its steps (cells finish after varying wall-clock times): so on the CPU; other kernels may differ
+    in the last bit, which can flip a near-tie."""
     fence = lm.fence_ids
     prompts = []
     for p in problems:
+        # Forced code: the trigger's ids, encoded apart, end the prompt (the prompt ends where sampling starts, as
+        # prompts.py requires), so max_new_tokens bounds only what the model writes and the verifier reads only that.
         ids, trigger = lm.prompt_ids(p.problem)
         prompts.append((ids, ids + trigger))
     longest = max(len(c) for _, c in prompts)
@@ -322,16 +305,17 @@ def _rollouts(lm: RolloutModel, problems: list[Problem], opts: EvalOptions, sand
         # Past its trained context a model's output is noise: that would be scored as the model's failure.
         raise ValueError(f"EvalOptions.max_new_tokens {opts.max_new_tokens} + the longest prompt ({longest} tokens, "
                          f"code trigger included) exceed the model's max_position_embeddings {context}")
-    per_seq = -(-(longest + opts.max_new_tokens) // _BLOCK_SIZE)
     total = len(problems) * (1 + 2 * opts.k)
-    engine = lm.engine(num_blocks=per_seq * min(total, opts.max_num_seqs), block_size=_BLOCK_SIZE,
-                       max_num_seqs=opts.max_num_seqs, detokenize=lm.decode,
-                       enable_prefix_caching=True)  # the 2k+1 rollouts of a problem share its prompt's blocks
+    engine = rollout_engine(lm, seq_tokens=longest + opts.max_new_tokens, pool_seqs=min(total, opts.max_num_seqs),
+                            max_num_seqs=opts.max_num_seqs, detokenize=lm.decode,
+                            enable_prefix_caching=True)  # the 2k+1 rollouts of a problem share its prompt's blocks
     loop = RolloutLoop(engine, sandbox, encode=lm.encode, decode=lm.decode, max_code_calls=opts.max_code_calls,
                        max_tool_tokens=opts.max_tool_tokens)
     base = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
                           stop_token_ids=lm.stop_token_ids)
     greedy = dataclasses.replace(base, temperature=0.0, top_p=1.0, seed=0)
+    # Each sample is seeded by `seed`, the problem's source and id, the mode and its index: a problem's samples do
+    # not depend on which other problems are evaluated, nor on their order. Forced prose: the fence-start ids banned.
     for p, (plain, triggered) in zip(problems, prompts):
         loop.add(plain, p.answer, greedy)
         for i in range(opts.k):
@@ -362,9 +346,11 @@ def _row(problem: Problem, records: list[RolloutRecord], opts: EvalOptions,
         choice="code" if auto.used_code else "prose")
 
 
+# -- the processes --
+
 # -- command line --
 
-def main(argv: Sequence[str] | None = None) -> Report:
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, EvalOptions]:
     parser = argparse.ArgumentParser(prog="python -m acim_fast.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (with its tokenizer)")
     parser.add_argument("--data", required=True, help="problems: a jsonl file or hf:<name>[:<config>][:<split>]")
@@ -382,24 +368,29 @@ def main(argv: Sequence[str] | None = None) -> Report:
         raise ValueError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
     options = EvalOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalOptions)
                              if hasattr(args, f.name)})
+    return args, options
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """The CLI (see the module docstring); prints the table and the elapsed time (on stderr), returns the report."""
+    args, options = _parse(argv)
     problems = load_problems(args.data)[:args.limit]
     start = time.monotonic()
-    dist = from_env()  # under torchrun: every rank evaluates its share with its own copy of the model
-    policy = load_rollout_model(args.model, dtype=args.dtype, device=args.device if dist is None else str(dist.device))
-    with contextlib.ExitStack() as stack:  # a vLLM engine shuts down before the process group is left
+    ranks = Ranks(from_env())  # under torchrun: every rank evaluates its share with its own copy of the model
+    policy = load_rollout_model(args.model, dtype=args.dtype, device=ranks.device(args.device))
+    with contextlib.ExitStack() as stack:  # a vLLM engine (one per rank) shuts down before the process group is left
         if args.backend == "vllm":
             backend = stack.enter_context(contextlib.closing(VLLMBackend(
-                args.model, dtype=args.dtype, per_rank=dist is not None and dist.world > 1)))
+                args.model, dtype=args.dtype, per_rank=ranks.world > 1)))
             policy = dataclasses.replace(policy, backend=backend)
-        report = evaluate(policy, problems, options=options, dist=dist,
+        report = evaluate(policy, problems, options=options, dist=ranks.dist,
                           meta={"model": args.model, "data": args.data, "limit": args.limit, "backend": args.backend})
-    if dist is None or dist.is_main:
+    if ranks.is_main:
         print(report.table())
         if args.out is not None:
             print(f"report: {report.write(args.out)}")
         print(f"evaluated {len(problems)} problems in {time.monotonic() - start:.1f} s", file=sys.stderr)
-    if dist is not None:
-        dist.close()
+    ranks.close()
     return report
 
 

@@ -20,8 +20,8 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from itertools import cycle
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"

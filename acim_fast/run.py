@@ -26,23 +26,23 @@ from typing import Any, Callable
 import torch
 import tqdm
 
-from acim_fast.train import checkpoint
 from acim_fast.common.atomic import atomic_write
+from acim_fast.common.hashing import stable_seed
 from acim_fast.config import Config, parse_args
 from acim_fast.data import Problem, load_problems, shuffle, split
-from acim_fast.train.dist import Dist, copy_full_weights, from_env, shard, world_of_one
-from acim_fast.train.estep import EStepResult, explore
-from acim_fast.evaluate import Report, evaluate
-from acim_fast.engine.model import CausalLM
-from acim_fast.train.mstep import MStep
-from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
-from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
-from acim_fast.common.hashing import stable_seed
-from acim_fast.execution.sandbox import Sandbox, SandboxOptions
-from acim_fast.embedded.warmup import SFTConfig, warm_up
 from acim_fast.embedded.task import generate
 from acim_fast.embedded.tiny import create_tiny
+from acim_fast.embedded.warmup import SFTConfig, warm_up
+from acim_fast.engine.model import CausalLM
 from acim_fast.engine.vllm_backend import VLLMBackend
+from acim_fast.evaluate import Report, evaluate
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
+from acim_fast.train import checkpoint
+from acim_fast.train.dist import Ranks, copy_full_weights, from_env, shard, world_of_one
+from acim_fast.train.estep import EStepResult, explore
+from acim_fast.train.mstep import MStep
 
 EVAL_SEED = 0  # the embedded task's held-out draw: fixed, so every seed is scored on the same problems
 
@@ -57,45 +57,13 @@ def train(config: Config, *, resume_dir: str | os.PathLike | None = None,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run (or resume) the training of `config`; returns the metrics of every iteration (see the module docstring).
     Under torchrun every rank calls it; rank 0 logs, keeps the metrics and writes the run's files."""
-    dist = from_env()
+    ranks = Ranks(from_env())
     # What the run opens for itself (a world of one, the vLLM engine) closes here, last opened first closed: before
     # the process group is left.
     with contextlib.ExitStack() as owned:
-        records = _Trainer.setup(config, _Ranks(dist), resume_dir, log, owned).run()
-    if dist is not None:  # on an error, no barrier: the rank dies and torchrun stops the others
-        dist.close()
+        records = _Trainer.setup(config, ranks, resume_dir, log, owned).run()
+    ranks.close()  # not on an error (no barrier then): the rank dies and torchrun stops the others
     return records
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ranks:
-    """The processes that train together: a torchrun world, a world of one, or none (`dist` None: a plain process
-    that trains an fp32 model in place). The trainer asks them the same questions in all three cases; with ranks,
-    every rank explores and evaluates its share of the problems (`Dist.share`) and gets the merged result."""
-
-    dist: Dist | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist is None or self.dist.is_main
-
-    @property
-    def world(self) -> int:
-        return 1 if self.dist is None else self.dist.world
-
-    def device(self, default: str) -> str:
-        return default if self.dist is None else str(self.dist.device)
-
-    def from_main(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (the others pass None)."""
-        return value if self.dist is None else self.dist.gather(value)[0]
-
-    def share(self, whole: list[Problem]) -> list[Problem]:
-        return whole if self.dist is None else self.dist.share(whole)
-
-    def merge(self, part: EStepResult) -> EStepResult:
-        """The result of exploring the whole batch, from this rank's result on its share."""
-        return part if self.dist is None else EStepResult.merge(self.dist.gather(part))
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,7 +71,7 @@ class _Trainer:
     """One run: set up once (`setup`), then one method per phase of an iteration (`run` calls them in turn)."""
 
     config: Config
-    ranks: _Ranks
+    ranks: Ranks
     run_dir: Path
     log: Callable[[str], None]
     train_set: list[Problem]
@@ -116,7 +84,7 @@ class _Trainer:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def setup(cls, config: Config, ranks: _Ranks, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
+    def setup(cls, config: Config, ranks: Ranks, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
               owned: contextlib.ExitStack) -> _Trainer:
         """The run directory, problems, models and trainer state; what it opens for itself is entered on `owned`."""
         log = log if ranks.is_main else _silent
@@ -177,7 +145,7 @@ class _Trainer:
         batch = self.ranks.share(iteration_problems(self.train_set, self.config, it))
         part = explore(self.policy, batch, self.config.estep, algo=self.config.algo, sandbox=sandbox,
                        seed=self.config.seed, iteration=it)
-        return self.ranks.merge(part)
+        return self.ranks.merge(part, EStepResult.merge)
 
     def m_step(self, it: int, result: EStepResult) -> dict[str, float]:
         """Train on the merged buffer and bring the new weights to the sampler; returns the M-step's metrics."""
@@ -234,7 +202,7 @@ def _open_run_dir(config: Config, run_dir: Path) -> None:
     atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json(), encoding="utf-8"))
 
 
-def _starting_point(config: Config, run_dir: Path, ranks: _Ranks,
+def _starting_point(config: Config, run_dir: Path, ranks: Ranks,
                     log: Callable[[str], None]) -> tuple[Path | None, Path]:
     """(the newest complete checkpoint or None, the weights to start from): rank 0 finds them (dropping the temporary
     directories of an interrupted save, making the base model if need be), the other ranks take them from it."""
@@ -246,8 +214,8 @@ def _starting_point(config: Config, run_dir: Path, ranks: _Ranks,
     return ranks.from_main(found)
 
 
-def _models(config: Config, start: Path, ranks: _Ranks,
-            owned: contextlib.ExitStack) -> tuple[_Ranks, RolloutModel, CausalLM, VLLMBackend | None]:
+def _models(config: Config, start: Path, ranks: Ranks,
+            owned: contextlib.ExitStack) -> tuple[Ranks, RolloutModel, CausalLM, VLLMBackend | None]:
     """(the ranks, this rank's sampler, the model the M-step trains, the vLLM engine or None), from `start`.
 
     A plain fp32 process trains the sampler's own module in place: the next E-step reads it, which is the weight sync
@@ -263,7 +231,7 @@ def _models(config: Config, start: Path, ranks: _Ranks,
     if ranks.dist is None and compute != torch.float32:
         # A bf16 model trained in place would round away AdamW's updates (at lr 1e-6, nearly all of them): one
         # process trains like a torchrun rank instead, in a world of one.
-        ranks = _Ranks(owned.enter_context(world_of_one(torch.device(device))))
+        ranks = Ranks(owned.enter_context(world_of_one(torch.device(device))))
     backend = None
     if config.rollout_backend == "vllm":  # one engine per process, which its rank alone drives
         backend = owned.enter_context(contextlib.closing(VLLMBackend(

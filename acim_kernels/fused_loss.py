@@ -15,8 +15,14 @@ import os
 import torch
 
 from .pg_loss_chunked import RowsFn, linear_loss, logits_loss, torch_rows
-from .pg_loss_ref import (LossConfig, LossOutput, loss_metrics, policy_loss_from_logits_ref, policy_loss_ref,
-                              prepare_inputs)
+from .pg_loss_ref import (
+    LossConfig,
+    LossOutput,
+    loss_metrics,
+    policy_loss_from_logits_ref,
+    policy_loss_ref,
+    prepare_inputs,
+)
 
 IMPLS = ("auto", "ref", "chunked", "triton")
 
@@ -78,7 +84,8 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] disagree on H: {hidden.shape[1]} vs {weight.shape[1]}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
     if bias is not None:
         _check_float("bias", bias, 1)
         if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype or bias.device != weight.device:

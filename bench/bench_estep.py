@@ -18,13 +18,12 @@ import time
 
 import pytest
 
+from acim_fast.embedded.task import generate
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.rollout import RolloutLoop, rollout_engine
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 from acim_fast.train.estep import EStepConfig, explore
 from acim_fast.train.mstep import behaviour_gap, recompute_logprobs
-from acim_fast.execution.rollout import RolloutLoop
-from acim_fast.engine.paged_engine import Engine
-from acim_fast.engine.sampling import SamplingParams
-from acim_fast.execution.sandbox import Sandbox, SandboxOptions
-from acim_fast.embedded.task import generate
 
 CONFIG = EStepConfig(decision_fork="off")
 PROBLEMS = [p.to_problem() for p in generate(16, seed=5, split="train")]
@@ -35,8 +34,8 @@ def _unshared(policy, sandbox):
     prompts = [policy.prompt_ids(p.problem) for p in PROBLEMS]
     longest = max(len(a) + len(b) for a, b in prompts) + CONFIG.max_new_tokens
     group = CONFIG.k_free + CONFIG.k_code + CONFIG.k_prose
-    engine = Engine(policy.model, num_blocks=-(-longest // 16) * CONFIG.max_num_seqs, block_size=16,
-                    max_num_seqs=CONFIG.max_num_seqs, detokenize=policy.decode)
+    engine = rollout_engine(policy, seq_tokens=longest, pool_seqs=CONFIG.max_num_seqs,
+                            max_num_seqs=CONFIG.max_num_seqs, detokenize=policy.decode)
     loop = RolloutLoop(engine, sandbox, encode=policy.encode, decode=policy.decode,
                        max_code_calls=CONFIG.max_code_calls, max_tool_tokens=CONFIG.max_tool_tokens)
     base = SamplingParams(temperature=1.0, max_new_tokens=CONFIG.max_new_tokens,

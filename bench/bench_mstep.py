@@ -17,11 +17,10 @@ import sys
 
 import pytest
 import torch
+from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 from acim_fast.engine.model import CausalLM, ModelConfig
 from acim_kernels import LossConfig, policy_loss
-
-from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # name: (hidden, layers, heads, kv heads, intermediate, vocab, sequences x tokens, dtype)

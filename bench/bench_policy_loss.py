@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 from acim_kernels import LossConfig, policy_loss
 from acim_kernels.pg_loss_ref import policy_loss_ref
-
-from peak_memory import device_name, peak_bytes, ratios, step_peak_bytes
 
 CUDA = torch.cuda.is_available()
 # (N, H, V, dtype): the CPU shapes, and Qwen2.5-7B's head on GPU.

@@ -4,15 +4,19 @@ the full parameters and metrics to argv[1] (rank 0).
 Flags after the path: "mixed", the GPU's mixed precision for the shards (bf16 compute, fp32 reduction and master
 shards); "checkpointed", activation checkpointing. The dtypes a decoder projection computed in are saved too."""
 
-import random, shutil, sys, tempfile
+import random
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from acim_fast.train import dist as D
+
+from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_fast.engine.model import CausalLM
+from acim_fast.train import dist as D
 from acim_fast.train.estep import Sample
 from acim_fast.train.mstep import MStep, MStepConfig
-from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_kernels import LossConfig
 
 CONFIG = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,

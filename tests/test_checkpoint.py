@@ -1,6 +1,6 @@
-"""acim_fast.train.checkpoint: the trainer state loads into a template with optional entries (here the trainer's own weights,
-which a plain fp32 process does not save: a run resumed under torchrun or in bf16 takes them from the export), and
-old trainer states are pruned without touching the newest or anything but `trainer/`."""
+"""acim_fast.train.checkpoint: the trainer state loads into a template with optional entries (here the trainer's own
+weights, which a plain fp32 process does not save: a run resumed under torchrun or in bf16 takes them from the export),
+and old trainer states are pruned without touching the newest or anything but `trainer/`."""
 
 import warnings
 

@@ -1,6 +1,7 @@
 """acim_fast.evaluate: the oracle and the aggregates by hand, and end to end on a tiny model trained to known habits.
 
-The end-to-end model is the tiny char-level Llama of acim_fast.embedded.tiny, trained here for a few seconds to memorise:
+The end-to-end model is the tiny char-level Llama of acim_fast.embedded.tiny, trained here for a few seconds to
+memorise:
 - "7*8": a python cell (any mode), so only forced code succeeds -> oracle code; it chooses code.
 - "2+3": prose on its own, a cell after the code trigger -> both succeed -> oracle prose; it chooses prose.
 - "9-4": a cell 3 times out of 4, prose once -> greedy codes, and with the fence banned it writes the prose ->
@@ -18,12 +19,20 @@ import pytest
 import torch
 
 from acim_fast.data import load_problems
-from acim_fast.evaluate import (EvalOptions, ProblemResult, Report, evaluate, main, oracle_decision,
-                                selection_accuracy, summarize)
-from acim_fast.engine.model import CausalLM
-from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
-from acim_fast.execution.prompts import CODE_TRIGGER, build_prompt
 from acim_fast.embedded.tiny import EOS, TinyConfig, build_tokenizer, codec, create_tiny, save_tokenizer
+from acim_fast.engine.model import CausalLM
+from acim_fast.evaluate import (
+    EvalOptions,
+    ProblemResult,
+    Report,
+    evaluate,
+    main,
+    oracle_decision,
+    selection_accuracy,
+    summarize,
+)
+from acim_fast.execution.prompts import CODE_TRIGGER, build_prompt
+from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
 
 ROWS = [
     {"id": "a", "problem": "7*8", "answer": 56, "level": 1, "source": "set1"},

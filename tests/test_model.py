@@ -10,7 +10,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from acim_fast.engine.kv_cache import KVPool
-from acim_fast.engine.model import (CausalLM, ModelConfig, PagedInputs, decode_attention_shared_prefix, plan_shared_prefix)
+from acim_fast.engine.model import (
+    CausalLM,
+    ModelConfig,
+    PagedInputs,
+    decode_attention_shared_prefix,
+    plan_shared_prefix,
+)
 from acim_kernels.paged_attention_ref import paged_attention_ref
 
 VOCAB = 97

@@ -2,16 +2,16 @@
 guard, tool tokens kept out of the loss, recomputed log-probs, and the optimiser state round trip."""
 
 import copy
-from dataclasses import replace
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
+from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_fast.train.estep import Sample
 from acim_fast.train.mstep import MStep, MStepConfig, behaviour_gap, recompute_logprobs
-from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from acim_kernels import LossConfig
 
 SMALL = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=128,

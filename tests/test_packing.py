@@ -1,5 +1,5 @@
-"""acim_fast.train.packing and acim_fast.train.optim: packs shift tokens and values to target rows within the budget; the lr
-schedule warms up then decays to its floor."""
+"""acim_fast.train.packing and acim_fast.train.optim: packs shift tokens and values to target rows within the budget;
+the lr schedule warms up then decays to its floor."""
 
 import math
 

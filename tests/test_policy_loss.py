@@ -4,9 +4,9 @@ Triton (interpreter on CPU) implementations against the reference, outputs and g
 from __future__ import annotations
 
 import importlib
+import math
 import subprocess
 import sys
-import math
 from dataclasses import replace
 
 import pytest

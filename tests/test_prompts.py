@@ -1,5 +1,5 @@
-"""Tests for acim_fast.execution.prompts: rendering with and without a chat template, the modes, and the token ids that can
-open a python cell, for a char-level vocabulary and for a small BPE trained here."""
+"""Tests for acim_fast.execution.prompts: rendering with and without a chat template, the modes, and the token ids that
+can open a python cell, for a char-level vocabulary and for a small BPE trained here."""
 
 import random
 import string
@@ -9,7 +9,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from acim_fast.execution import rollout
-from acim_fast.execution.prompts import (ANSWER_INSTRUCTION, CODE_TRIGGER, PLAIN_TEMPLATE, CellFormat, Prompt, build_prompt, fence_start_ids, has_chat_template)
+from acim_fast.execution.prompts import (
+    ANSWER_INSTRUCTION,
+    CODE_TRIGGER,
+    PLAIN_TEMPLATE,
+    CellFormat,
+    Prompt,
+    build_prompt,
+    fence_start_ids,
+    has_chat_template,
+)
 
 FENCE = "```python"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

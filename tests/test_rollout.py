@@ -1,4 +1,5 @@
-"""acim_fast.execution.rollout: cells stop generation, run in the sandbox, and come back as appended tokens the model reads.
+"""acim_fast.execution.rollout: cells stop generation, run in the sandbox, and come back as appended tokens the model
+reads.
 
 The model is a real `Engine` over `ScriptedLM`, a CausalLM whose K cache stores token ids, so each query reads its
 whole sequence back through the block table and puts all its mass on the next character of a scripted response.
@@ -15,10 +16,10 @@ import pytest
 import torch
 
 from acim_fast.engine.model import CausalLM, ModelConfig
-from acim_fast.execution.prompts import CellFormat
-from acim_fast.execution.rollout import KV_BLOCK_SIZE, Cell, RolloutLoop, rollout_engine
 from acim_fast.engine.paged_engine import Engine
 from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.prompts import CellFormat
+from acim_fast.execution.rollout import KV_BLOCK_SIZE, Cell, RolloutLoop, rollout_engine
 from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 
 EOS = 256

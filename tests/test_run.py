@@ -99,8 +99,8 @@ def test_data_files_and_their_errors(tmp_path):
 
 
 def test_a_float16_checkpoint_is_refused_with_the_fix(tmp_path):
-    from acim_fast.engine.model import CausalLM
     from acim_fast.embedded.tiny import create_tiny
+    from acim_fast.engine.model import CausalLM
 
     path = create_tiny(tmp_path / "tiny")
     CausalLM.from_pretrained(path).to(torch.float16).save_pretrained(path)

@@ -1,5 +1,5 @@
-"""acim_fast.embedded.task: deterministic generation, a leak-free held-out split, exact answers that the verifier accepts,
-demonstrations in the rollout loop's cell format whose output is what Python really prints, short texts."""
+"""acim_fast.embedded.task: deterministic generation, a leak-free held-out split, exact answers that the verifier
+accepts, demonstrations in the rollout loop's cell format whose output is what Python really prints, short texts."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import re
 import pytest
 
 from acim_fast.data import Problem
-from acim_fast.execution.prompts import build_prompt
-from acim_fast.execution.prompts import CellFormat
 from acim_fast.embedded.task import FAMILIES, LEVELS, TaskProblem, draw, evaluate, generate, split_of
+from acim_fast.execution.prompts import CellFormat, build_prompt
 from acim_fast.reward.verifier import verify_batch
 
 FMT = CellFormat()

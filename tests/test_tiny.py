@@ -1,5 +1,5 @@
-"""acim_fast.embedded.tiny: the char-level tokenizer round-trips (ours and transformers'), and the tiny model saved in HF
-format gives the same logits in transformers and in our CausalLM."""
+"""acim_fast.embedded.tiny: the char-level tokenizer round-trips (ours and transformers'), and the tiny model saved in
+HF format gives the same logits in transformers and in our CausalLM."""
 
 from __future__ import annotations
 
@@ -9,9 +9,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from acim_fast.engine.model import CausalLM
 from acim_fast.embedded.task import generate
-from acim_fast.embedded.tiny import (CHARACTERS, EOS, PAD, UNK, TinyConfig, build_model, build_tokenizer, codec, create_tiny, load_tokenizer)
+from acim_fast.embedded.tiny import (
+    CHARACTERS,
+    EOS,
+    PAD,
+    UNK,
+    TinyConfig,
+    build_model,
+    build_tokenizer,
+    codec,
+    create_tiny,
+    load_tokenizer,
+)
+from acim_fast.engine.model import CausalLM
 
 SMALL = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=96,
                    max_position_embeddings=128, seed=3)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from acim_fast.reward.verifier import VerifierPool, Verdict, verify_answer, verify_batch
 from acim_fast.reward.extract import extract_answer
+from acim_fast.reward.verifier import Verdict, VerifierPool, verify_answer, verify_batch
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # the bundled benchmarks
 TIMEOUT = 3.0  # per math-verify check in these tests; a normal check takes ~5 ms

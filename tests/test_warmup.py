@@ -1,5 +1,5 @@
-"""acim_fast.embedded.warmup: demonstrations mask the prompt, the forced prefix and tool output; packing keeps examples apart;
-the loss is the mean NLL of the masked-in tokens; a few seconds of SFT lower it; the region measurement runs the
+"""acim_fast.embedded.warmup: demonstrations mask the prompt, the forced prefix and tool output; packing keeps examples
+apart; the loss is the mean NLL of the masked-in tokens; a few seconds of SFT lower it; the region measurement runs the
 forced modes through the real rollout loop."""
 
 from __future__ import annotations
@@ -11,11 +11,21 @@ import re
 import pytest
 import torch
 
-from acim_fast.train.packing import Row, pack
-from acim_fast.execution.prompts import CODE_TRIGGER, CellFormat, build_prompt
-from acim_fast.embedded.warmup import (Example, SFTConfig, demonstration, examples, first_token_code_prob, format_regions, measure_regions, sft_loss, train_sft)
 from acim_fast.embedded.task import FAMILIES, generate
 from acim_fast.embedded.tiny import EOS, TinyConfig, build_model, build_tokenizer, codec, create_tiny
+from acim_fast.embedded.warmup import (
+    Example,
+    SFTConfig,
+    demonstration,
+    examples,
+    first_token_code_prob,
+    format_regions,
+    measure_regions,
+    sft_loss,
+    train_sft,
+)
+from acim_fast.execution.prompts import CODE_TRIGGER, CellFormat, build_prompt
+from acim_fast.train.packing import Row, pack
 
 TOK = build_tokenizer()
 ENCODE, DECODE = codec(TOK)

@@ -22,8 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from acim_fast.engine.model import CausalLM, ModelConfig
 from acim_fast.common.fields import check_int
+from acim_fast.engine.model import CausalLM, ModelConfig
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -22,17 +22,17 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from acim_fast.engine.model import CausalLM
-from acim_fast.train.optim import adamw, lr_factor
 from acim_fast.common.fields import check_int
-from acim_fast.train.packing import Pack, Row, pack
-from acim_fast.execution.prompts import MODES, CellFormat, build_prompt, fence_start_ids
-from acim_fast.execution.rollout import RolloutLoop
-from acim_fast.engine.paged_engine import Engine
-from acim_fast.engine.sampling import SamplingParams
-from acim_fast.execution.sandbox import Sandbox, SandboxOptions
 from acim_fast.embedded.task import FAMILIES, LEVELS, TaskProblem, generate
 from acim_fast.embedded.tiny import EOS, TinyConfig, codec, create_tiny, load_tokenizer
+from acim_fast.engine.model import CausalLM
+from acim_fast.engine.paged_engine import Engine
+from acim_fast.engine.sampling import SamplingParams
+from acim_fast.execution.prompts import MODES, CellFormat, build_prompt, fence_start_ids
+from acim_fast.execution.rollout import RolloutLoop
+from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.train.optim import adamw, lr_factor
+from acim_fast.train.packing import Pack, Row, pack
 from acim_kernels import LossConfig, policy_loss
 
 SFT_LOSS = LossConfig(sft_coef=1.0)

@@ -416,7 +416,8 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def forward_paged(self, input_ids: torch.Tensor, kv: Any, batch: PagedInputs) -> torch.Tensor:
-        """Paged path: writes this step's K/V into `kv` (an `acim_fast.engine.kv_cache.KVPool`) and returns hidden `[T, H]`.
+        """Paged path: writes this step's K/V into `kv` (an `acim_fast.engine.kv_cache.KVPool`) and returns hidden
+        `[T, H]`.
 
         Sequence b's queries are the last `query_start_loc[b+1] - query_start_loc[b]` of its `seq_lens[b]` tokens.
         Inference only (no autograd through the pool writes). Metadata values are not checked (see PagedInputs).

@@ -20,8 +20,18 @@ import torch
 
 from acim_fast.engine.kv_cache import BlockManager, KVPool, OutOfBlocks
 from acim_fast.engine.model import CausalLM, PagedInputs, plan_shared_prefix
-from acim_fast.engine.sampling import (EngineBase, EngineStats, FinishReason, SamplingParams, SeqOutput, SeqStatus,
-                                       _Seq, derive_seed, sample, stop_reason)
+from acim_fast.engine.sampling import (
+    EngineBase,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    SeqOutput,
+    SeqStatus,
+    _Seq,
+    derive_seed,
+    sample,
+    stop_reason,
+)
 
 
 class Engine(EngineBase):

@@ -27,8 +27,16 @@ import torch
 
 from acim_fast.common.fields import check_int, option
 from acim_fast.engine.model import declared_dtype
-from acim_fast.engine.sampling import (EngineBase, EngineStats, FinishReason, SamplingParams, SeqOutput, SeqState,
-                                       derive_seed, stop_reason)
+from acim_fast.engine.sampling import (
+    EngineBase,
+    EngineStats,
+    FinishReason,
+    SamplingParams,
+    SeqOutput,
+    SeqState,
+    derive_seed,
+    stop_reason,
+)
 
 _SEGMENT = -2  # derive_seed's fork index for a sequence's successive requests (forks use 0, 1, ...)
 

@@ -30,9 +30,9 @@ import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from acim_fast.execution.prompts import CellFormat
 from acim_fast.engine.paged_engine import Engine
 from acim_fast.engine.sampling import SamplingParams, SeqOutput
+from acim_fast.execution.prompts import CellFormat
 from acim_fast.execution.sandbox import CellStatus, Result, Sandbox, next_history
 from acim_fast.reward.verifier import Verdict, verify_batch
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from acim_fast.engine.model import CausalLM
-from acim_fast.execution.prompts import build_prompt, fence_start_ids
 from acim_fast.engine.paged_engine import Engine
+from acim_fast.execution.prompts import build_prompt, fence_start_ids
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,8 +23,8 @@ from typing import Any, Collection, Mapping
 
 import torch.distributed.checkpoint as dcp
 
-from acim_fast.train.dist import Dist
 from acim_fast.execution.rollout_model import RolloutModel
+from acim_fast.train.dist import Dist
 
 _NAME = re.compile(r"^iter_(\d{4,})$")
 _TMP_PREFIX = ".tmp-"

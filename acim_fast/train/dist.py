@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,46 @@ class Dist:
         if torch_dist.is_initialized():
             torch_dist.barrier()
             torch_dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that work together: a torchrun world (or a world of one), or none (`dist` None: one plain
+    process). The trainer and the evaluator ask them the same questions in every case, so neither branches on it;
+    with ranks, each works on its `share` of the problems and the results are gathered back."""
+
+    dist: Dist | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def world(self) -> int:
+        return 1 if self.dist is None else self.dist.world
+
+    def device(self, default: str) -> str:
+        return default if self.dist is None else str(self.dist.device)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (the others pass None)."""
+        return value if self.dist is None else self.dist.gather(value)[0]
+
+    def share(self, whole: Sequence[Any]) -> list[Any]:
+        return list(whole) if self.dist is None else self.dist.share(whole)
+
+    def gather_shares(self, part: list[Any]) -> list[Any]:
+        """Every rank's `share` results, in the order of the whole list."""
+        return part if self.dist is None else self.dist.gather_shares(part)
+
+    def merge(self, part: Any, combine: Callable[[list[Any]], Any]) -> Any:
+        """`combine` of every rank's `part`; one process keeps its part as it is."""
+        return part if self.dist is None else combine(self.dist.gather(part))
+
+    def close(self) -> None:
+        """Leave the process group (after a barrier), if there is one."""
+        if self.dist is not None:
+            self.dist.close()
 
 
 def from_env() -> Dist | None:

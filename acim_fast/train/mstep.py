@@ -1,49 +1,35 @@
 """The M-step: off-policy updates of the model on the E-step's buffer, with the fused loss of `acim_kernels`.
 
-What it does:
-- `MStep` owns the optimiser (AdamW, decay on matrices only) and the learning-rate schedule (linear warm-up, then
-  cosine to `min_lr_ratio` over `total_steps` optimiser steps of the whole run), so both carry across EM iterations
-  and are checkpointed (`state_dict` / `load_state_dict`).
-- `MStep.train(samples, loss, seed=...)`: `epochs` passes over the samples in a seeded shuffled order,
-  `samples_per_step` samples per optimiser step. A step's samples are packed (`acim_fast.train.packing`) into
-  micro-batches of at most `micro_batch_tokens` rows, each through the dense path (`CausalLM.forward_hidden`) and
-  `acim_kernels.policy_loss` (per token: the sample's advantage, its behaviour log-prob as `old_logp`, its loss
-  mask, its decision mask as `sft_mask`), gradients accumulated with the step's global normaliser (its valid tokens,
-  or sequences for `seq_mean_token_mean`), so a step's loss does not depend on how it was cut into micro-batches.
-  Then gradient clipping (`grad_clip`, 0 = off) and the optimiser step. A step whose loss or gradient norm is not
-  finite is skipped (gradients dropped, the schedule does not advance) and counted in the metrics.
-- `recompute_logprobs(model, samples, ...)`: each sample's response log-probs under the training forward (no
-  gradient), at the loss temperature. `behaviour_gap` compares them with the sampler's: the largest and mean absolute
-  gap over trained tokens of samples whose context the sampler saw unchanged (a forced prefix cut out changes the
-  context on purpose). With `behaviour="recompute"` the M-step uses them as `old_logp` (ratio 1 at the first step,
-  PPO's usual choice); with "sampler" (default) it uses the sampler's, which makes forced-prefix samples truly
-  off-policy.
+`MStep` owns the optimiser and the learning-rate schedule of a run (both carry across EM iterations and are
+checkpointed); `MStep.train` makes seeded passes over a buffer, packed into micro-batches, one optimiser step per
+`samples_per_step` samples. `recompute_logprobs` and `behaviour_gap` compare the training forward with the sampler.
+With a `Dist` (FSDP2) every rank trains its share of each step, and a step equals the single-process step.
 
-- With a `Dist` (FSDP2, `acim_fast.train.dist`), every rank holds the same global buffer and takes every world-th sample of
-  each step (micro-batch counts padded to agree); the normaliser is the global batch's, each rank's loss is scaled
-  by the world size against FSDP's gradient averaging, and metrics are summed over ranks: one step equals the
-  single-process step (tested to 1e-5).
-
-What it does not do: sample, sync weights into a separate inference copy (in one process the sampler reads this very
-module; with several, `acim_fast.train.dist.copy_full_weights`), or checkpoint files (run.py).
+It does not sample, sync weights into a separate inference copy (in one process the sampler reads this very module;
+with several, `acim_fast.train.dist.copy_full_weights`), or write checkpoint files (run.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
+from acim_fast.common.fields import check_int, option
+from acim_fast.engine.model import CausalLM
 from acim_fast.train.dist import Dist
 from acim_fast.train.estep import Sample
-from acim_fast.engine.model import CausalLM
-from acim_fast.common.fields import check_int, option
 from acim_fast.train.optim import adamw, lr_factor
 from acim_fast.train.packing import Pack, Row, pack, plan
 from acim_kernels import LossConfig, policy_loss
@@ -53,7 +39,7 @@ BEHAVIOURS = ("sampler", "recompute")
 
 @dataclass(kw_only=True, slots=True)
 class MStepConfig:
-    """How the M-step trains on a buffer (see the module docstring)."""
+    """How the M-step trains on a buffer (see `MStep.train`)."""
 
     epochs: int = option(2, "passes over the buffer per EM iteration")
     lr: float = option(1e-4, "peak learning rate")
@@ -93,7 +79,9 @@ class MStepConfig:
 
 
 def _rows(samples: Sequence[Sample], old_logps: Sequence[Sequence[float]]) -> list[Row]:
-    """Packing rows: the prompt's tokens carry zeros; response values sit on their own tokens."""
+    """Packing rows: the prompt's tokens carry zeros; response values sit on their own tokens. Per token, the loss
+    reads the sample's advantage, its behaviour (or recomputed) log-prob as `old_logp`, its loss mask, and its
+    decision mask as `sft_mask`."""
     rows = []
     for s, old in zip(samples, old_logps):
         pad = [0.0] * len(s.prompt_ids)
@@ -116,12 +104,13 @@ def _check(samples: Sequence[Sample], micro_batch_tokens: int) -> None:
 
 
 def _packs(rows: list[Row], micro_batch_tokens: int, dist: Dist | None) -> list[tuple[list[int], Pack]]:
-    """This rank's micro-batches as (indices into `rows`, pack). With several ranks, rank r takes rows r, r + world,
-    ...; every rank gets the same number of micro-batches (FSDP gathers parameters collectively in each forward),
-    short ranks padding with an all-masked two-token pack that adds nothing to loss or gradient."""
+    """This rank's micro-batches as (indices into `rows`, pack). With several ranks, each takes its share of the rows
+    (`Dist.share`); every rank gets the same number of micro-batches (FSDP gathers parameters collectively in each
+    forward), short ranks padding with an all-masked two-token pack that adds nothing to loss or gradient."""
     if dist is None:
         return [(p.rows, p) for p in pack(rows, micro_batch_tokens)]
-    shares = [list(range(r, len(rows), dist.world)) for r in range(dist.world)]
+    # Every rank's share, to count every rank's micro-batches without a collective.
+    shares = [dataclasses.replace(dist, rank=r).share(range(len(rows))) for r in range(dist.world)]
     counts = [len(plan([len(rows[i].ids) for i in share], micro_batch_tokens)) for share in shares]
     share = shares[dist.rank]
     mine = [([share[j] for j in p.rows], p) for p in pack([rows[i] for i in share], micro_batch_tokens)]
@@ -158,13 +147,14 @@ def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperatur
             out[row] = logp[end - len(s.response_ids):end].tolist()
     model.train(was_training)
     if dist is not None:  # each rank computed its share: put every share in every rank's list
-        out = dist.gather_shares(out[dist.rank::dist.world])
+        out = dist.gather_shares(dist.share(out))
     return out
 
 
 def behaviour_gap(samples: Sequence[Sample], recomputed: Sequence[Sequence[float]]) -> dict[str, float]:
     """Largest and mean |sampler - training forward| log-prob gap over trained tokens of samples whose context the
-    sampler saw unchanged; nan when there are none."""
+    sampler saw unchanged (a forced prefix cut out of a sample changes its context on purpose); nan when there are
+    none."""
     gaps = [abs(a - b) for s, r in zip(samples, recomputed) if not s.off_context
             for a, b, m in zip(s.behaviour_logprobs, r, s.loss_mask) if m]
     if not gaps:
@@ -179,6 +169,7 @@ class MStep:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
         self.model, self.cfg, self.total_steps, self.dist = model, cfg, total_steps, dist
+        # AdamW, decay on matrices only; linear warm-up, then cosine to min_lr_ratio over the whole run's steps.
         self.optimizer = adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio))
@@ -203,7 +194,8 @@ class MStep:
         self.steps = state["steps"]
 
     def train(self, samples: Sequence[Sample], loss: LossConfig, *, seed: int = 0) -> dict[str, float]:
-        """One M-step over `samples`; returns its metrics (means over steps, token-weighted within a step)."""
+        """One M-step over `samples`: `epochs` passes in a seeded shuffled order, `samples_per_step` samples per
+        optimiser step; returns its metrics (means over steps, token-weighted within a step; skipped steps counted)."""
         cfg = self.cfg
         samples = list(samples)
         _check(samples, cfg.micro_batch_tokens)
@@ -213,6 +205,8 @@ class MStep:
         recomputed = recompute_logprobs(self.model, samples, temperature=loss.temperature,
                                         micro_batch_tokens=cfg.micro_batch_tokens, dist=self.dist)
         metrics.update(behaviour_gap(samples, recomputed))
+        # "recompute": ratio 1 at the first step (PPO's usual choice); "sampler": forced-prefix samples are truly
+        # off-policy.
         old = recomputed if cfg.behaviour == "recompute" else [s.behaviour_logprobs for s in samples]
         self.model.train()
         sums: dict[str, float] = {}
@@ -237,6 +231,8 @@ class MStep:
 
     def _step(self, samples: list[Sample], old: list[Sequence[float]], loss: LossConfig) -> dict[str, float] | None:
         rows = _rows(samples, old)
+        # The step's global normaliser (its valid tokens, or sequences): its loss does not depend on how it is cut
+        # into micro-batches, nor over how many ranks.
         per_sequence = loss.aggregation == "seq_mean_token_mean"
         normalizer = float(sum(1 for s in samples if any(s.loss_mask)) if per_sequence
                            else sum(sum(s.loss_mask) for s in samples))
@@ -255,7 +251,7 @@ class MStep:
             for k, v in out.metrics.items():
                 if k != "num_valid_tokens":
                     weighted[k] = weighted.get(k, 0.0) + float(v) * n
-        if self.dist is not None:
+        if self.dist is not None:  # metrics summed over ranks
             names = sorted(weighted)
             total, tokens, *sums = self.dist.sum([total, tokens] + [weighted[k] for k in names])
             weighted = dict(zip(names, sums))
@@ -263,7 +259,7 @@ class MStep:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
         if isinstance(norm, DTensor):  # sharded gradients: the norm of the whole
             norm = norm.full_tensor()
-        if not (math.isfinite(total) and math.isfinite(float(norm))):
+        if not (math.isfinite(total) and math.isfinite(float(norm))):  # skipped: the schedule does not advance
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.cfg.grad_clip:
