@@ -56,6 +56,7 @@ def test_grpo_is_one_flag_and_defines_its_own_loss():
     (["--vllm.gpu_memory_utilization", "1.5"], "VLLMOptions.gpu_memory_utilization"),
     (["--vllm.block_size", "0"], "VLLMOptions.block_size"),
     (["--estep.temperature", "0.7"], "Config.loss.temperature (1.0) must equal Config.estep.temperature (0.7)"),
+    (["--loss.kl_coef", "0.1"], "Config.loss.kl_coef must be 0: the trainer feeds the loss no reference log-probs"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["--resume", "runs/x", "--seed", "1"], "--resume takes the saved config of the run as it is; drop --seed"),
 ])
