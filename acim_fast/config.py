@@ -38,9 +38,10 @@ class Config:
     model: str | None = option(None, "Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
                                "none = the embedded tiny model, created and warmed up in <out_dir>/warmup",
                                group="model and data")
-    data: str | None = option(None, "training problems, jsonl with 'problem' and 'answer' (or hf:<name>...); "
-                              "none = the embedded task", group="model and data")
-    eval_data: str | None = option(None, "held-out problems; none = eval_problems problems split off --data "
+    data: str | None = option(None, "training problems: a jsonl with 'problem' and 'answer', a bundled benchmark "
+                              "(math500, gsm8k, aime24, amc23) or hf:<name>...; none = the embedded task",
+                              group="model and data")
+    eval_data: str | None = option(None, "held-out problems, as --data; none = eval_problems problems split off --data "
                                    "(or the embedded task's held-out split)", group="model and data")
     device: str = option("cpu", "torch device of the model (cpu, cuda, cuda:1 ...)", group="model and data")
     dtype: str | None = option(None, "float32 | bfloat16 (the samplers' weights and the training compute; the "

@@ -1,13 +1,16 @@
-"""Math problems: the `Problem` record, loading them from jsonl or the hub, and deterministic split and shuffle.
+"""Math problems: the `Problem` record, loading (jsonl, bundled benchmarks, the hub), deterministic split and shuffle.
 
-`load_problems(spec)` reads a jsonl file, or `hf:<name>[:<config>][:<split>]` through the optional `datasets`
-package. `problem` and `answer` are required (a numeric answer becomes a string; a "####" answer is a raw GSM8K
-one: the text after the last "####" is kept); `id`, `level`, `source` are optional (a missing id is
-"<name>/<line or row>"); every other field is kept read-only in `Problem.extra`. Errors are `ValueError`s naming
-the file and line (blank lines still count) or the spec and row. `split` puts a problem on the eval side by a hash
-of its TEXT and the seed, so file order and ids do not matter and duplicates never straddle the split; the eval
-side holds eval_fraction * n problems rounded half up. `shuffle` orders by a hash of (seed, epoch, source, id):
-every rank gets the same order and takes its share (`train.dist.Dist.share`) without communicating.
+`load_problems(spec)` reads a jsonl file, a benchmark bundled with the package by name (`bundled_names()`:
+math500, gsm8k, aime24, amc23, kept in acim_fast/benchmarks/ with their origins and licences in its README.md; an
+existing path of the same name wins), or `hf:<name>[:<config>][:<split>]` through the optional `datasets` package.
+`problem` and `answer` are required (a numeric answer becomes a string; a "####" answer is a raw GSM8K one: the
+text after the last "####" is kept); `id`, `level`, `source` are optional (a missing id is "<name>/<line or row>",
+a missing source the file's stem, which for a bundled benchmark is its name); every other field is kept read-only
+in `Problem.extra`. Errors are `ValueError`s naming the file and line (blank lines still count) or the spec and
+row. `split` puts a problem on the eval side by a hash of its TEXT and the seed, so file order and ids do not
+matter and duplicates never straddle the split; the eval side holds eval_fraction * n problems rounded half up.
+`shuffle` orders by a hash of (seed, epoch, source, id): every rank gets the same order and takes its share
+(`train.dist.Dist.share`) without communicating.
 
 It does not build prompts, check answers, tokenise or batch, read .json/parquet/csv, stream, or shard over ranks.
 """
@@ -25,6 +28,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from acim_fast.common.hashing import stable_hash
 
 HF_PREFIX = "hf:"
+BENCHMARKS_DIR = Path(__file__).resolve().parent / "benchmarks"  # package data: wheels carry it
+_BUNDLED = ("math500", "gsm8k", "aime24", "amc23")  # each is BENCHMARKS_DIR / "<name>.jsonl"
 _FIELDS = ("id", "problem", "answer", "level", "source")
 _LEVEL = re.compile(r"(?:Level\s+)?(\d+)")
 
@@ -56,8 +61,26 @@ class Problem:
 
 # -- loading --
 
+def bundled_names() -> tuple[str, ...]:
+    """The names `load_problems` resolves to the benchmarks shipped with the package."""
+    return _BUNDLED
+
+
+def bundled_path(name: str) -> Path:
+    """The jsonl file of a bundled benchmark; `ValueError` listing the names if `name` is not one."""
+    if name not in _BUNDLED:
+        raise ValueError(f"{name!r} is not a bundled benchmark; the bundled ones are {', '.join(_BUNDLED)}")
+    return BENCHMARKS_DIR / f"{name}.jsonl"
+
+
 def load_problems(spec: str | Path, *, fields: Mapping[str, str] | None = None) -> list[Problem]:
-    """The problems of a jsonl file, or of `hf:<name>[:<config>][:<split>]` (split "train" by default), in order.
+    """The problems of `spec`, in order. Resolution, first match wins:
+
+    1. `hf:<name>[:<config>][:<split>]` (split "train" by default): the Hugging Face hub;
+    2. a path that exists: that jsonl file (so a local file named `math500` beats the bundled benchmark);
+    3. a bundled name (`bundled_names()`, exact match, independent of the working directory): the benchmark shipped
+       in acim_fast/benchmarks/, its problems' `source` the name;
+    otherwise a `ValueError` naming the spec and listing the bundled names.
 
     `fields` maps our field names ("id", "problem", "answer", "level", "source") to the names the source uses.
     """
@@ -66,7 +89,11 @@ def load_problems(spec: str | Path, *, fields: Mapping[str, str] | None = None) 
         name, rows = _hub_rows(spec)
     else:
         path = Path(spec)
-        name, rows = path.stem, _jsonl_rows(path)
+        if not path.exists() and str(spec) in _BUNDLED:
+            name, path = str(spec), bundled_path(str(spec))
+        else:
+            name = path.stem
+        rows = _jsonl_rows(path)
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}  # id -> where it was first seen
     for where, locator, row in rows:
@@ -99,7 +126,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from e
+        hint = "" if path.exists() else (f"; nor is it a bundled benchmark name ({', '.join(_BUNDLED)}) or "
+                                         f"{HF_PREFIX}<name>[:<config>][:<split>]")
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}{hint}") from e
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     # Splitting the bytes (not decoded text) on b"\n" only: str.splitlines would also split on U+2028 and friends,

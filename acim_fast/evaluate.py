@@ -353,7 +353,8 @@ def _row(problem: Problem, records: list[RolloutRecord], opts: EvalOptions,
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, EvalOptions]:
     parser = argparse.ArgumentParser(prog="python -m acim_fast.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (with its tokenizer)")
-    parser.add_argument("--data", required=True, help="problems: a jsonl file or hf:<name>[:<config>][:<split>]")
+    parser.add_argument("--data", required=True, help="problems: a jsonl file, a bundled benchmark (math500, gsm8k, "
+                        "aime24, amc23) or hf:<name>[:<config>][:<split>]")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     parser.add_argument("--out", default=None, help="write the JSON report here (atomically)")
     parser.add_argument("--device", default="cpu", help="torch device of the model")

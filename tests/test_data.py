@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from acim_fast.data import Problem, load_problems, shuffle, split
+from acim_fast.data import BENCHMARKS_DIR, Problem, bundled_names, bundled_path, load_problems, shuffle, split
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data"
+COUNTS = {"math500": 500, "gsm8k": 1319, "aime24": 30, "amc23": 40}  # as acim_fast/benchmarks/README.md states
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "set.jsonl") -> Path:
@@ -144,11 +144,23 @@ def test_problem_record_validates():
         make(1)[0].answer = "9"  # frozen
 
 
-# -- the four real benchmarks (they must exist: a missing file fails, it does not skip) --
+# -- the four real benchmarks, bundled with the package (they must exist: a missing file fails, it does not skip) --
 
-@pytest.mark.parametrize("name,count", [("math500", 500), ("gsm8k", 1319), ("aime24", 30), ("amc23", 40)])
+def test_bundled_names_and_their_readme():
+    assert bundled_names() == tuple(COUNTS)
+    readme = (BENCHMARKS_DIR / "README.md").read_text()
+    for name, count in COUNTS.items():
+        assert bundled_path(name) == BENCHMARKS_DIR / f"{name}.jsonl" and bundled_path(name).is_file()
+        assert f"| {name}.jsonl | {count} |" in readme
+    assert "licence" in readme.lower()
+    with pytest.raises(ValueError, match="'nope' is not a bundled benchmark.*math500, gsm8k, aime24, amc23"):
+        bundled_path("nope")
+
+
+@pytest.mark.parametrize("name,count", list(COUNTS.items()))
 def test_real_benchmarks_load(name, count):
-    problems = load_problems(BUNDLED / f"{name}.jsonl")
+    problems = load_problems(name)
+    assert problems == load_problems(bundled_path(name))
     assert len(problems) == count
     assert len({p.id for p in problems}) == count
     assert all(p.source == name and p.problem and p.answer for p in problems)
@@ -163,8 +175,28 @@ def test_real_benchmarks_load(name, count):
         assert all(p.answer.isdigit() for p in problems)
 
 
+def test_a_bundled_name_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert len(load_problems("math500")) == 500
+
+
+def test_an_existing_path_beats_a_bundled_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "math500").write_text('{"problem": "1+1?", "answer": 2}\n')
+    assert [(p.id, p.answer, p.source) for p in load_problems("math500")] == [("math500/1", "2", "math500")]
+    assert len(load_problems("gsm8k")) == 1319  # no such file here: the bundled one
+
+
+@pytest.mark.parametrize("spec", ["math5000", "MATH500", "gsm8k.jsonl", "data/math500.jsonl"])
+def test_an_unknown_name_names_the_spec_and_lists_the_bundled_ones(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(spec)}: cannot read: .*bundled benchmark name "
+                                         rf"\(math500, gsm8k, aime24, amc23\) or hf:"):
+        load_problems(spec)
+
+
 def test_real_split_is_exact_and_stable():
-    problems = load_problems(BUNDLED / "gsm8k.jsonl")
+    problems = load_problems("gsm8k")
     train, held_out = split(problems, 0.1, seed=3)
     assert len(held_out) == 132 and len(train) == 1319 - 132  # 131.9 rounds to 132
     again = split(random.Random(0).sample(problems, len(problems)), 0.1, seed=3)

@@ -19,7 +19,7 @@ import pytest
 from acim_fast.reward.extract import extract_answer
 from acim_fast.reward.verifier import Verdict, VerifierPool, verify_answer, verify_batch
 
-DATA = Path(__file__).resolve().parents[1] / "data"  # the bundled benchmarks
+DATA = Path(__file__).resolve().parents[1] / "acim_fast" / "benchmarks"  # the bundled benchmarks
 TIMEOUT = 3.0  # per math-verify check in these tests; a normal check takes ~5 ms
 HUGE = r"\boxed{9^{9^{9^{9}}}}"  # sympy tries to evaluate it and never returns
 
