@@ -3,7 +3,8 @@
 `Sandbox` is the trainer's side of the pipes to one server process (`sandbox_server`, a fresh interpreter with a
 scrubbed environment) that forks a confined process per cell. Nothing a cell does makes it raise.
 It does not bound the memory of a cell's processes together (each has `memory_bytes`; a memory cgroup would), isolates
-less in the fallbacks (see `Isolation`), and does not survive a `fork()` of the trainer: create it where it is used.
+far less in the opt-in "weak" mode (see `Isolation`), and does not survive a `fork()` of the trainer: create it where
+it is used.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ from collections.abc import Iterable, Sequence
 from acim_fast.common.fields import Choice
 from acim_fast.common.worker import boot_argv, recv_frame, write_frame
 from acim_fast.execution import sandbox_server
-from acim_fast.execution.sandbox_server import SandboxOptions, remove_tree
+from acim_fast.execution.sandbox_server import ISOLATIONS, SandboxOptions, remove_tree
 
-__all__ = ["STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxOptions", "next_history"]
+__all__ = ["ISOLATIONS", "STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxOptions",
+           "next_history"]
 
 
 class CellStatus(Choice):
-    """How a cell ended: the five outcomes the sandbox reports, and LIMIT, a cell the rollout loop did not run (its
-    code-call cap was reached)."""
+    """How a cell ended: the six outcomes the sandbox reports, and LIMIT, a cell the rollout loop did not run (its
+    code-call cap was reached). FAILED is the sandbox's own failure, never the model's: telemetry counts it apart."""
 
     OK = "ok"
     ERROR = "error"  # the cell raised (the model's own mistake)
     TIMEOUT = "timeout"  # wall-clock or CPU time ran out
     MEMORY = "memory"  # the address-space limit was hit
-    KILLED = "killed"  # stopped by a signal, or the sandbox could not run it
+    KILLED = "killed"  # stopped by a signal (a segfault, the hard CPU limit)
+    FAILED = "failed"  # the sandbox could not run it: its server died, a fork or the cell's setup failed
     LIMIT = "limit"
 
 
@@ -75,26 +78,38 @@ class Result:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Isolation:
-    """Which isolation a sandbox server got from this kernel, strongest first for each field.
+    """What isolation a sandbox server set up (`SandboxOptions.isolation` asks for one of the two modes).
 
-    network: "netns" (the server unshares a network namespace whose loopback is down) or "audit-hook" (an audit
-    hook refuses non-unix sockets, name lookups and starting programs; best effort: ctypes can open sockets).
-    processes: "pidns" (each cell is pid 2 of a pid, mount and IPC namespace of its own, with a fresh /proc and a
-    tmpfs behind /tmp, /var/tmp and /dev/shm; when the cell ends its init is killed, and the kernel kills every
-    process left, setsid'ed ones included) or "subreaper" (the cell's process group is killed, then every orphan
-    re-parented to the server; cells share the host's /tmp while they run, what a slot's uid leaves at its top
-    level is removed afterwards, and they see the host's processes).
-    users: "per-slot-uid" (cells run as `uid_base + slot`, so RLIMIT_NPROC applies, which it does not to root,
-    and a cell can signal neither the server nor another slot) or "shared" (a non-root trainer that set
-    `allow_shared_uid`: cells keep its uid, RLIMIT_NPROC is left alone since it would count all of that user's
-    processes, and a cell can signal the trainer and read the environment of that user's other processes).
-    If the cell uids cannot read the interpreter (pyenv under /root), the server shows them only its directories
-    through a mount namespace; if it cannot, it refuses to start.
+    mode "namespaces": network "netns" (each cell has a network namespace of its own, no interface up: no
+    network, and no abstract unix socket shared with another cell); processes "pidns" (each cell is pid 2 of pid,
+    mount and IPC namespaces of its own; when it ends its init is killed, and the kernel kills every process left,
+    setsid'ed daemons included); filesystem "private-root" (the cell's root is a read-only tmpfs holding the
+    system's and the interpreter's directories read-only, a /dev of five devices, its own /proc, and one fresh
+    tmpfs behind /tmp, /var/tmp and /dev/shm: no host directory it can write, /run/lock and the trainer's
+    included, so nothing it writes outlives it or reaches another cell); users "per-slot-uid" (root: cells run as
+    `uid_base + slot`) or "userns" (not root: each cell is in a user namespace of its own with no capabilities,
+    keeping your uid outside it; RLIMIT_NPROC counts its own processes, and the namespaces keep it from
+    signalling or reading anything of yours).
+
+    mode "weak" (opt-in): network "audit-hook" (an audit hook refuses non-unix sockets, name lookups and starting
+    programs; best effort: ctypes can open sockets); processes "subreaper" (the cell's process group is killed,
+    then every orphan re-parented to the server; cells see the host's processes); filesystem "host" (cells share
+    the host's /tmp while they run; what a slot's uid leaves at its top level is removed afterwards); users
+    "per-slot-uid" (root) or "shared" (cells keep your uid: RLIMIT_NPROC is left alone, and a cell can signal
+    the trainer and read the environment of your other processes). As root the server shows the slot uids only
+    the interpreter's directories through a mount namespace if they cannot read them (pyenv under /root), or
+    refuses to start.
     """
 
+    mode: str
     network: str
     processes: str
     users: str
+    filesystem: str
+
+    def __str__(self) -> str:
+        return (f"{self.mode} (network {self.network}, processes {self.processes}, users {self.users}, "
+                f"filesystem {self.filesystem})")
 
 
 def next_history(history: Sequence[str], code: str, result: Result) -> tuple[str, ...]:
@@ -112,15 +127,16 @@ class Sandbox:
 
     `submit(code, history=()) -> Future[Result]`, `run(code, history=()) -> Result`,
     `run_batch([(code, history), ...]) -> list[Result]`, `await arun(code, history=())`; `close()` (or use
-    it as a context manager) kills running cells. `isolation` says what the kernel granted.
+    it as a context manager) kills running cells. `isolation` says what was set up (`SandboxOptions.isolation`
+    asks; a server that cannot set up "namespaces" refuses to start, naming the kernel setting and the opt-in).
 
     Each cell is a fork of the server (~1 ms to start; it cannot touch the state of the next cell or of the pool)
     with CPU-time, address-space, process-count and file-size limits, a wall-clock timeout, stdin on /dev/null,
-    a private working directory removed afterwards, no network and, when the trainer is root, an unprivileged
-    uid of its own slot; never root. Up to `concurrency` cells run at once, the rest queue in the server, and
-    results come back as cells end. A cell running longer than `demote_after_s` is reniced to 19 (not one that
-    calls setsid: its own autogroup, where nice does not weigh), so short cells keep the CPU while a few loops
-    run out their timeout. If the server dies, in-flight cells come back `killed` and the next call starts a
+    a private working directory removed afterwards, no network, no capability and, when the trainer is root, an
+    unprivileged uid of its own slot; never root. Up to `concurrency` cells run at once, the rest queue in the
+    server, and results come back as cells end. A cell running longer than `demote_after_s` is reniced to 19 (not
+    one that calls setsid: its own autogroup, where nice does not weigh), so short cells keep the CPU while a few
+    loops run out their timeout. If the server dies, in-flight cells come back `failed` and the next call starts a
     new server.
     """
 
@@ -272,7 +288,7 @@ class _Client:
             self._pending.clear()
         why = "sandbox closed" if self._closing else "sandbox server exited"
         for future in orphans:
-            future.set_result(Result(CellStatus.KILLED, "", why, 0.0))
+            future.set_result(Result(CellStatus.FAILED, "", why, 0.0))
 
     def close(self) -> None:
         """Idempotent. EOF on the command pipe makes the server kill its cells and exit."""

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import selectors
 import shutil
@@ -35,18 +36,29 @@ try:  # loaded by path in the server process: the package is off limits there
 except ImportError:  # imported by the trainer as part of the package
     from acim_fast.common.worker import FrameDecoder, write_frame
 
-# Linux constants (sched.h, mount.h, prctl.h); Python 3.11's os module has neither unshare nor setns.
+# Linux constants (sched.h, mount.h, prctl.h, capability.h); Python 3.11's os module has neither unshare nor setns.
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
+_CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
+_MS_BIND, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 4096, 16384, 1 << 18, 2
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
+_CAPABILITY_VERSION_3 = 0x20080522
+# pivot_root(2) has no glibc wrapper: its syscall number, by `uname -m`.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
+ISOLATIONS = ("namespaces", "weak")
 _UID_FIRST, _UID_STRIDE, _UID_RANGES = 1_900_000_000, 4096, 2**15  # all below 2**31
-_CELL_DIR = "/tmp/cell"  # the working directory inside a cell's own tmpfs (pidns mode)
+_CELL_DIR = "/tmp/cell"  # the working directory inside a cell's own tmpfs (namespaces)
 _TMPFS_INODES = 65536  # tmpfs `size` does not bound inodes, which cost memory too
 _READ_CHUNK = 1 << 16
+# What a cell's root holds besides the interpreter's own directories, all read-only: the system's programs and
+# libraries (the dynamic loader needs /etc/ld.so.cache; symlinks such as /lib -> usr/lib are copied as links).
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_DEVICES = ("null", "zero", "full", "random", "urandom")  # bound from the host's /dev, writable
+_SETUP_FAILED = 255  # exit code of a cell's init whose setup failed; mirrored cell exits are 0..127 and 129..192
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,9 +68,9 @@ class SandboxOptions:
     timeout_s: float = 10.0  # wall clock per cell, replay of its history included
     cpu_time_s: int | None = None  # RLIMIT_CPU per process; None: ceil(timeout_s) + 1 (bounds busy threads)
     memory_bytes: int = 4 << 30  # RLIMIT_AS per process
-    max_processes: int = 64  # RLIMIT_NPROC per cell (threads count); only with per-slot uids
+    max_processes: int = 64  # RLIMIT_NPROC per cell (threads count); not in weak isolation without root
     max_file_bytes: int = 64 << 20  # RLIMIT_FSIZE: the largest file a cell can write
-    tmp_bytes: int = 256 << 20  # size of a cell's private tmpfs (/tmp, /var/tmp, /dev/shm) with pidns
+    tmp_bytes: int = 256 << 20  # size of a cell's private tmpfs (/tmp, /var/tmp, /dev/shm), namespaces
     max_output_bytes: int = 8192  # head + tail of the output kept; the rest is replaced by a marker
     # Cells running at once (each holds a slot, i.e. a uid, and up to memory_bytes per process). Size it
     # above (rate of cells that time out) x timeout_s + cores, or looping cells fill every slot.
@@ -66,12 +78,13 @@ class SandboxOptions:
     # A cell running (wall clock) longer than this gets nice 19, which it cannot undo: the many short cells
     # keep the CPU while a few slow or looping ones run out their time (shortest first, in effect).
     demote_after_s: float = 0.05
-    namespaces: bool = True  # pid/net namespaces when the kernel allows; False forces the fallbacks
+    # "namespaces": every cell in pid, mount, IPC and network namespaces of its own (and, without root, a user
+    # namespace) with a root filesystem of its own; refuses to start where the kernel does not allow them.
+    # "weak": no namespaces (process groups, a subreaper, an audit hook); without root, cells keep your uid.
+    isolation: str = "namespaces"
     # Cells run as uid_base + slot when root. None: a random range of 4096 uids above systemd's ranges,
     # so that two Sandboxes on one host (which must not share uids) practically never collide.
     uid_base: int | None = None
-    # Not root: cells can only keep the trainer's uid, and then kill(-1) kills the trainer. Opt-in only.
-    allow_shared_uid: bool = False
     preload: tuple[str, ...] = ()  # modules imported once by the server, so cells do not pay for them
 
     def __post_init__(self) -> None:
@@ -99,9 +112,8 @@ class SandboxOptions:
             number("uid_base", 1)
             if self.uid_base + self.concurrency > 2**32 - 2:  # (uid_t)-1 and -2 are reserved
                 raise ValueError("SandboxOptions.uid_base: uid_base + concurrency must stay below 2**32 - 2")
-        for name in ("namespaces", "allow_shared_uid"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SandboxOptions.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"SandboxOptions.isolation: expected one of {ISOLATIONS}, got {self.isolation!r}")
         if not isinstance(self.preload, tuple) or not all(
             isinstance(m, str) and m and all(p.isidentifier() for p in m.split(".")) for m in self.preload
         ):
@@ -147,6 +159,8 @@ def _libc() -> ctypes.CDLL:
     libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return libc
 
 
@@ -234,6 +248,7 @@ class _Server:
                 write_frame(self.res_fd, {"error": msg, "config": True})
                 return
         sys.stdout.reconfigure(line_buffering=True)  # inherited by cells: partial output survives a kill
+        _set_name("acim-sandbox")
         try:
             isolation = self._isolate()
         except _Refused as exc:
@@ -257,17 +272,27 @@ class _Server:
             self._kill_all()
 
     def _isolate(self) -> dict[str, str]:
-        """Pick the strongest isolation this kernel grants, probing each piece in a throwaway child.
-        Raises _Refused rather than let a cell run with the server's uid when that uid is root."""
-        network = "audit-hook"
-        if self.opts.namespaces:
+        """Set up the isolation the options ask for and prove it by running one cell through it.
+        Raises _Refused rather than run cells under less, or with the server's uid when that uid is root."""
+        self.root = os.geteuid() == 0
+        self.namespaces = self.opts.isolation == "namespaces"
+        if self.namespaces:
+            self.outer_ids = os.geteuid(), os.getegid()
             try:
-                _sys("unshare", _CLONE_NEWNET)
-                network = "netns"
-            except OSError:
-                pass
-        self.uid_drop = os.geteuid() == 0
-        if self.uid_drop:
+                if not self.root:  # the server becomes root of a user namespace, where it may make the others
+                    _enter_user_namespace(inner=(0, 0), outer=self.outer_ids)
+                self._lead_a_pid_namespace()
+            except OSError as exc:
+                raise _Refused(_no_namespaces(exc, self.root)) from None
+            self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
+            self.root_paths = _cell_root_paths(self.workroot)
+            failure = self._probe_cell()
+            if failure is not None:
+                raise _Refused(_no_namespaces(failure, self.root))
+            users = "per-slot-uid" if self.root else "userns"
+            return {"mode": "namespaces", "network": "netns", "processes": "pidns", "users": users,
+                    "filesystem": "private-root"}
+        if self.root:
             paths = _interpreter_paths()
             probe = functools.partial(_check_readable_as, self.opts.uid_base, paths)
             if not _succeeds(_fork(probe)):
@@ -277,25 +302,44 @@ class _Server:
                     raise _Refused(_UNREADABLE.format(paths=paths, why=exc)) from None
                 if not _succeeds(_fork(probe)):
                     raise _Refused(_UNREADABLE.format(paths=paths, why="still unreadable when exposed"))
-        elif not self.opts.allow_shared_uid:
-            raise _Refused(
-                "the sandbox runs cells as unprivileged uids, which needs root; set "
-                "SandboxOptions.allow_shared_uid=True to run them as your own uid (they can then signal "
-                "your processes, the trainer included)"
-            )
-        self.pidns = False
-        if self.opts.namespaces:
-            try:
-                self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
-                probe = functools.partial(_enter_cell_namespaces, self.opts.tmp_bytes)
-                self.pidns = _succeeds(self._fork_in_new_pidns(probe))
-            except OSError:
-                pass
-        if not self.pidns:
-            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        self.audit_hook = network == "audit-hook"
-        users = "per-slot-uid" if self.uid_drop else "shared"
-        return {"network": network, "processes": "pidns" if self.pidns else "subreaper", "users": users}
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        return {"mode": "weak", "network": "audit-hook", "processes": "subreaper",
+                "users": "per-slot-uid" if self.root else "shared", "filesystem": "host"}
+
+    def _lead_a_pid_namespace(self) -> None:
+        """Go on as pid 1 of a new pid namespace, which this process only waits for: the server forks each
+        cell's init into a pid namespace of its own and must enter its own again after (setns), which a user
+        namespace's root may do only for one its user namespace owns, not the host's. If the server dies, the
+        kernel kills every cell at once."""
+        _sys("unshare", _CLONE_NEWPID)
+        pid = os.fork()
+        if pid:
+            os.close(self.cmd_fd)
+            os.close(self.res_fd)  # the trainer's reader sees EOF when the server's end closes
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            os._exit(code if code >= 0 else 128 - code)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the waiting process was killed (Sandbox.close): go too
+
+    def _probe_cell(self) -> str | None:
+        """Run one cell, as the cells will run, that lists the interpreter's directories: None if it succeeded,
+        else what went wrong (the kernel's refusals show at start, not in the first rollout)."""
+        out_r, out_w = os.pipe()
+        res_r, res_w = os.pipe()
+        job = {"id": -1, "code": f"import os\nfor p in {_interpreter_paths()!r}:\n    os.listdir(p)", "history": []}
+        uid = self.opts.uid_base if self.root else None
+        try:
+            pid = self._fork_in_new_pidns(lambda: self._cell_init(job, uid, _CELL_DIR, out_w, res_w))
+        except OSError as exc:
+            return f"{exc} (creating a pid namespace)"
+        finally:
+            os.close(out_w)
+            os.close(res_w)
+        output, report = _read_to_end(out_r), _read_to_end(res_r)  # the cell's output is small: no deadlock
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code == 0 and report.strip() == b'["ok", ""]':
+            return None
+        lines = (output + report).decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else f"the probe cell exited with code {code}"
 
     def _fork_in_new_pidns(self, child: Callable[[], object]) -> int:
         """`_fork(child)` as pid 1 of a new pid namespace; the server itself stays where it is."""
@@ -356,9 +400,9 @@ class _Server:
 
     def _start(self, job: dict) -> None:
         slot = self.free_slots.pop()
-        uid = self.opts.uid_base + slot if self.uid_drop else None
+        uid = self.opts.uid_base + slot if self.root else None
         workdir = _CELL_DIR
-        if not self.pidns:
+        if not self.namespaces:
             workdir = os.path.join(self.workroot, f"cell-{job['id']}")
             os.mkdir(workdir, 0o700)
             if uid is not None:
@@ -367,7 +411,7 @@ class _Server:
         res_r, res_w = os.pipe()
         args = (job, uid, workdir, out_w, res_w)
         try:
-            if self.pidns:
+            if self.namespaces:
                 pid = self._fork_in_new_pidns(lambda: self._cell_init(*args))
             else:
                 server = os.getpid()
@@ -376,14 +420,14 @@ class _Server:
             for fd in (out_r, out_w, res_r, res_w):
                 os.close(fd)
             self.free_slots.append(slot)
-            if not self.pidns:
+            if not self.namespaces:
                 remove_tree(workdir)
-            self._send(job, "killed", "", f"sandbox could not start the cell: {exc}", 0.0)
+            self._send(job, "failed", "", f"the sandbox could not start the cell: {exc}", 0.0)
             return
         os.close(out_w)
         os.close(res_w)
         cell = _Cell(job, slot, uid, pid, out_r, res_r, self.opts)
-        if not self.pidns:
+        if not self.namespaces:
             cell.workdir = workdir
         for fd, kind in ((out_r, "out"), (res_r, "res")):
             os.set_blocking(fd, False)
@@ -393,6 +437,7 @@ class _Server:
     def _child_fds(self, out_w: int, res_w: int) -> None:
         """In a fresh child: stdin from /dev/null, stdout+stderr to the output pipe, fd 3 for the
         runner's report, nothing else (the server's pipes must be out of a cell's reach)."""
+        _set_name("acim-cell")  # ps tells cells from their server (both run the server's command line)
         signal.set_wakeup_fd(-1)  # else a signal would write into whatever file reuses that fd number
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
@@ -404,12 +449,13 @@ class _Server:
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))
 
     def _cell_init(self, job: dict, uid: int | None, workdir: str, out_w: int, res_w: int) -> None:
-        """Pid 1 of the cell's namespaces (root): mounts, forks the cell, mirrors its exit. When this process
+        """Pid 1 of the cell's namespaces: builds its root, forks the cell, mirrors its exit. When this process
         exits the kernel kills the rest of the namespace, and the server's waitpid returns only then."""
         try:
             self._child_fds(out_w, res_w)
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the server died: take the namespace down
-            _enter_cell_namespaces(self.opts.tmp_bytes)
+            os.setpgid(0, 0)  # the cell stays in this group: the server renices it by this pid (_demote)
+            _enter_cell_root(self.workroot, self.opts.tmp_bytes, self.root_paths)
             os.mkdir(workdir, 0o700)
             if uid is not None:
                 os.chown(workdir, uid, uid)
@@ -423,7 +469,7 @@ class _Server:
                     os._exit(128 - code if code < 0 else min(code, 127))
         except BaseException:
             traceback.print_exc()
-        os._exit(126)
+        os._exit(_SETUP_FAILED)
 
     def _cell_child(
         self, job: dict, uid: int | None, workdir: str, out_w: int, res_w: int, parent: int
@@ -431,7 +477,13 @@ class _Server:
         try:
             if out_w >= 0:
                 self._child_fds(out_w, res_w)
-            _run_cell(job, self.opts, uid, workdir, self.audit_hook, parent)
+            # Without root, a user namespace of its own: RLIMIT_NPROC counts per (user namespace, uid), so the
+            # limit then bounds this cell's processes alone, not all of the trainer's user's.
+            own_userns = self.namespaces and not self.root
+            if own_userns:
+                _enter_user_namespace(inner=self.outer_ids, outer=(0, 0))
+            _run_cell(job, self.opts, uid, workdir, weak=not self.namespaces,
+                      limit_processes=uid is not None or own_userns, parent=parent)
         except BaseException:
             traceback.print_exc()
         os._exit(126)
@@ -447,7 +499,7 @@ class _Server:
             if info is None:
                 return
             cell = self.cells.pop(info.si_pid, None)  # None: an orphan the subreaper inherited
-            if cell is not None and not self.pidns:
+            if cell is not None and not self.namespaces:
                 self._kill_cell(cell.pid)
             status = os.waitpid(info.si_pid, 0)[1]
             if cell is not None:
@@ -455,7 +507,7 @@ class _Server:
 
     def _finish(self, cell: _Cell, status: int) -> None:
         duration = time.monotonic() - cell.started
-        if not self.pidns:
+        if not self.namespaces:
             self._sweep()
         for kind, fd in (("out", cell.out_fd), ("res", cell.res_fd)):
             while True:  # every writer is dead now: what is left in the pipe ends with EOF
@@ -471,13 +523,17 @@ class _Server:
             os.close(fd)
         if cell.workdir is not None:
             remove_tree(cell.workdir)
-        if not self.pidns and cell.uid is not None:
+        if not self.namespaces and cell.uid is not None:
             _remove_files_of(cell.uid)
         self.free_slots.append(cell.slot)
         code = os.waitstatus_to_exitcode(status)
-        if self.pidns and code > 128:  # _cell_init mirrors "killed by signal s" as 128 + s
-            code = 128 - code
-        state, error = _classify(cell, code, self.opts.timeout_s)
+        if self.namespaces and code == _SETUP_FAILED and not cell.timed_out:  # its traceback is the output
+            lines = cell.output.text().strip().splitlines() or ["no traceback"]
+            state, error = "failed", f"the sandbox could not set up the cell: {lines[-1]}"
+        else:
+            if self.namespaces and code > 128:  # _cell_init mirrors "killed by signal s" as 128 + s
+                code = 128 - code
+            state, error = _classify(cell, code, self.opts.timeout_s)
         self._send(cell.job, state, cell.output.text(), error, duration)
 
     def _send(self, job: dict, status: str, output: str, error: str, duration: float) -> None:
@@ -488,7 +544,7 @@ class _Server:
         """With pidns, killing the namespace's init kills everything in it. Without, the cell's process
         group goes at once (a fork bomb cannot outrun one killpg), setsid'ed escapees by `_sweep`."""
         _kill(pid)
-        if not self.pidns:
+        if not self.namespaces:
             try:
                 os.killpg(pid, signal.SIGKILL)  # the cell made its own group: its id is the cell's pid
             except ProcessLookupError:
@@ -517,7 +573,7 @@ class _Server:
             if cell.workdir is not None:
                 remove_tree(cell.workdir)
         self.cells.clear()
-        if not self.pidns:
+        if not self.namespaces:
             self._sweep()
 
 
@@ -607,6 +663,23 @@ class _Refused(Exception):
     """The server will not run cells under the isolation this machine allows."""
 
 
+def _no_namespaces(why: object, root: bool) -> str:
+    """Why the server refuses to start in "namespaces" isolation: the kernel's refusal, what to change, and the
+    explicit opt-in to weaker isolation."""
+    where = "" if root else (
+        " Without root they need unprivileged user namespaces, which are off where sysctl "
+        "user.max_user_namespaces is 0, kernel.unprivileged_userns_clone is 0 (older Debian kernels) or "
+        "kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10 and later: set it to 0, or give this "
+        "interpreter an AppArmor profile that allows them)."
+    )
+    return (
+        f"the sandbox runs every cell in pid, mount, IPC and network namespaces of its own, and this machine "
+        f"refused them ({why}).{where} Or opt in to weaker isolation with --sandbox.isolation weak "
+        f"(SandboxOptions(isolation='weak')): cells then share the host's processes, network and files"
+        f"{'' if root else ', keep your uid, and can signal your processes, the trainer included'}."
+    )
+
+
 _UNREADABLE = (
     "cells run as unprivileged uids, which cannot read this interpreter's directories {paths}, and no "
     "mount namespace can expose them ({why}); install Python where other users can read it"
@@ -651,19 +724,121 @@ def _expose(paths: list[str]) -> None:
             os.close(fd)
 
 
-def _enter_cell_namespaces(tmp_bytes: int) -> None:
-    """In the pid-1 child: own mount and IPC namespaces, a /proc of its own pid namespace, and one fresh
-    tmpfs behind /tmp, /var/tmp and /dev/shm; all of it vanishes with the namespace."""
-    _sys("unshare", _CLONE_NEWNS | _CLONE_NEWIPC)
-    _sys("mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)  # else mounts would propagate to the host
-    _sys("mount", b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-    opts = f"size={tmp_bytes},nr_inodes={_TMPFS_INODES},mode=1777".encode()
-    _sys("mount", b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, opts)
-    for target, source in (("/var/tmp", "/tmp/.var-tmp"), ("/dev/shm", "/tmp/.shm")):
-        if os.path.isdir(target) and not os.path.islink(target):
-            os.mkdir(source)
-            os.chmod(source, 0o1777)
-            _sys("mount", source.encode(), target.encode(), None, _MS_BIND, None)
+def _cell_root_paths(staging: str) -> list[str]:
+    """The host paths a cell's root holds read-only: the system's (`_SYSTEM_PATHS`, those that exist) and the
+    interpreter's directories, outermost first. None may hold `staging`, where the root is built."""
+    found = {p for p in _SYSTEM_PATHS if os.path.lexists(p)} | set(_interpreter_paths())
+    paths = sorted(p for p in found if not any(p.startswith(q.rstrip("/") + "/") for q in found if q != p))
+    for path in paths:
+        if path == "/" or (staging + "/").startswith(path.rstrip("/") + "/"):
+            raise _Refused(f"the interpreter directory {path} holds the sandbox's working root {staging}: "
+                           f"set TMPDIR to a directory outside it")
+    return paths
+
+
+def _enter_cell_root(staging: str, tmp_bytes: int, paths: list[str]) -> None:
+    """In the pid-1 child: mount, IPC and network namespaces of its own (its network has no interface up), and
+    a root of its own, built at `staging` and then pivoted to: the host's `paths` read-only, /dev with the
+    `_DEVICES` alone, a /proc of its own pid namespace, and one fresh tmpfs of `tmp_bytes` behind /tmp,
+    /var/tmp and /dev/shm. The rest is read-only; no host directory a cell could write is reachable, and all
+    of it vanishes with the namespace."""
+    _sys("unshare", _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWNET)
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # else mounts would propagate to the host
+    _mount("tmpfs", staging, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    for path in paths:
+        target = staging + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.islink(path):  # /lib -> usr/lib on a merged-/usr system
+            os.symlink(os.readlink(path), target)
+        else:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            _mount(path, target, None, _MS_BIND | _MS_REC)
+    _readonly_below(staging)  # before the writable mounts below join them
+    os.makedirs(f"{staging}/dev", mode=0o755, exist_ok=True)
+    for name in _DEVICES:
+        os.close(os.open(f"{staging}/dev/{name}", os.O_CREAT | os.O_EXCL, 0o666))
+        _mount(f"/dev/{name}", f"{staging}/dev/{name}", None, _MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{staging}/dev/{name}")
+    os.mkdir(f"{staging}/proc")
+    _mount("proc", f"{staging}/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # while the host's is visible
+    os.mkdir(f"{staging}/tmp")
+    _mount("tmpfs", f"{staging}/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
+           f"size={tmp_bytes},nr_inodes={_TMPFS_INODES},mode=1777")
+    for target, source in (("var/tmp", ".var-tmp"), ("dev/shm", ".shm")):
+        os.makedirs(f"{staging}/{target}", mode=0o755, exist_ok=True)
+        os.mkdir(f"{staging}/tmp/{source}")
+        os.chmod(f"{staging}/tmp/{source}", 0o1777)
+        _mount(f"{staging}/tmp/{source}", f"{staging}/{target}", None, _MS_BIND)
+    os.mkdir(f"{staging}/.host")
+    os.chdir(staging)
+    if _libc().syscall(_SYS_PIVOT_ROOT[os.uname().machine], b".", b".host") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    _sys("umount2", b"/.host", _MNT_DETACH)  # the host's whole tree leaves the namespace
+    os.rmdir("/.host")
+    _mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    os.chdir("/")
+
+
+def _readonly_below(top: str) -> None:
+    """Remount read-only every mount below `top` (a recursive bind brings the host's submounts along). Flags a
+    user namespace may not clear (noexec, nosuid, nodev) are kept; atime flags are kept by a remount anyway."""
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    for point in points:
+        if point.startswith(top + "/"):
+            kept = os.statvfs(point).f_flag & _MS_NOEXEC  # ST_NOEXEC == MS_NOEXEC
+            _mount(None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept)
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes come octal-escaped (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    def raw(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
+    _sys("mount", raw(source), raw(target), raw(fstype), flags, raw(data))
+
+
+def _enter_user_namespace(inner: tuple[int, int], outer: tuple[int, int]) -> None:
+    """Move this process into a new user namespace where the (uid, gid) `inner` stands for `outer` of the parent
+    namespace; the only ids it has. Needs no privilege where the kernel allows unprivileged user namespaces."""
+    _sys("unshare", _CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{inner[0]} {outer[0]} 1"),
+                       ("gid_map", f"{inner[1]} {outer[1]} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """Clear this process's effective, permitted and inheritable capabilities (and so its ambient ones)."""
+    _sys("capset", ctypes.byref(_CapHeader(_CAPABILITY_VERSION_3, 0)), ctypes.byref((_CapData * 2)()))
+
+
+def _set_name(name: str) -> None:
+    with open("/proc/self/comm", "w") as f:
+        f.write(name)
+
+
+def _read_to_end(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, _READ_CHUNK):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
 
 
 def _drop_privileges(uid: int) -> None:
@@ -689,31 +864,35 @@ def _deny_network(event: str, args: tuple) -> None:
 
 
 def _run_cell(
-    job: dict, opts: SandboxOptions, uid: int | None, workdir: str, hook: bool, parent: int
+    job: dict, opts: SandboxOptions, uid: int | None, workdir: str, *, weak: bool, limit_processes: bool,
+    parent: int,
 ) -> None:
     """Limit, confine, replay `job["history"]` silently, run `job["code"]`, report on fd 3, exit."""
-    # A process group of its own, for killpg; not setsid: a new session is a new scheduler autogroup,
-    # and nice values (see _demote) only weigh against the other processes of the same autogroup.
-    os.setpgid(0, 0)
+    if weak:  # a process group of its own, for killpg (with namespaces the cell stays in its init's)
+        # Not setsid: a new session is a new scheduler autogroup, and nice values (see _demote) only weigh
+        # against the other processes of the same autogroup.
+        os.setpgid(0, 0)
     # Limits first, as root, so that the cell cannot raise them back.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_AS, (opts.memory_bytes, opts.memory_bytes))
     # The soft limit sends SIGXCPU (reported as a timeout); the hard one SIGKILLs a cell that ignores it.
     resource.setrlimit(resource.RLIMIT_CPU, (opts.cpu_limit_s, opts.cpu_limit_s + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (opts.max_file_bytes, opts.max_file_bytes))
-    if uid is not None:
+    if limit_processes:
         resource.setrlimit(resource.RLIMIT_NPROC, (opts.max_processes, opts.max_processes))
+    if uid is not None:
         _drop_privileges(uid)
+    _drop_capabilities()  # a cell in a user namespace of its own starts with every capability in it
     if os.geteuid() == 0 or os.getuid() == 0:  # as root, kill(-1) would take down the whole machine
         raise RuntimeError("refusing to run a cell as root")
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it: die with our parent
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid or unshare, which clear it: die with our parent
     if os.getppid() != parent:  # it died before the line above
         os._exit(125)
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary can hand root back
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability can hand privileges back
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     tempfile.tempdir = None  # the server may have cached its own
-    if hook:
+    if weak:  # no network namespace
         sys.addaudithook(_deny_network)
     random.seed(0)
     main_pid = os.getpid()
