@@ -22,6 +22,7 @@ from typing import Any
 from acim_fast.common.fields import add_field_flags, check_int, option
 from acim_fast.engine.vllm_backend import VLLMOptions
 from acim_fast.evaluate import EvalOptions
+from acim_fast.execution.sandbox import SandboxConfig
 from acim_fast.train.estep import Algo, EStepConfig
 from acim_fast.train.mstep import MStepConfig
 from acim_kernels import LossConfig
@@ -75,6 +76,7 @@ class Config:
         k=4, max_new_tokens=200, max_code_calls=2, max_tool_tokens=64, sandbox_timeout_s=5.0, max_num_seqs=256),
         metadata={"group": "eval"})
     vllm: VLLMOptions = field(default_factory=VLLMOptions, metadata={"group": "vllm"})
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig, metadata={"group": "sandbox"})
 
     def __post_init__(self) -> None:
         for name, minimum in (("seed", 0), ("iterations", 0), ("problems_per_iter", 1), ("eval_problems", 1),

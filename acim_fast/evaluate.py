@@ -33,7 +33,7 @@ from acim_fast.engine.sampling import SamplingParams
 from acim_fast.engine.vllm_backend import VLLMBackend
 from acim_fast.execution.rollout import RolloutLoop, RolloutRecord, rollout_engine
 from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
-from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.execution.sandbox import ISOLATIONS, Sandbox, SandboxConfig, SandboxOptions
 from acim_fast.train.dist import Dist, Ranks, from_env
 
 DECISIONS = ("code", "prose")
@@ -361,6 +361,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, EvalOptions]
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     parser.add_argument("--rollout-backend", "--rollout_backend", dest="backend", choices=("ours", "vllm"),
                         default="ours", help="rollout engine: ours (the paged sampler) | vllm (default ours)")
+    isolation = next(f for f in dataclasses.fields(SandboxConfig) if f.name == "isolation")
+    parser.add_argument("--sandbox.isolation", "--sandbox-isolation", dest="isolation", choices=ISOLATIONS,
+                        default=isolation.default, help=f"{isolation.metadata['help']} (default {isolation.default})")
     add_field_flags(parser, EvalOptions, EvalOptions())
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -380,11 +383,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
     ranks = Ranks(from_env())  # under torchrun: every rank evaluates its share with its own copy of the model
     policy = load_rollout_model(args.model, dtype=args.dtype, device=ranks.device(args.device))
     with contextlib.ExitStack() as stack:  # a vLLM engine (one per rank) shuts down before the process group is left
+        sandbox = stack.enter_context(Sandbox(SandboxOptions(timeout_s=options.sandbox_timeout_s,
+                                                             isolation=args.isolation)))
         if args.backend == "vllm":
             backend = stack.enter_context(contextlib.closing(VLLMBackend(
                 args.model, dtype=args.dtype, per_rank=ranks.world > 1)))
             policy = dataclasses.replace(policy, backend=backend)
-        report = evaluate(policy, problems, options=options, dist=ranks.dist,
+        report = evaluate(policy, problems, options=options, sandbox=sandbox, dist=ranks.dist,
                           meta={"model": args.model, "data": args.data, "limit": args.limit, "backend": args.backend})
     if ranks.is_main:
         print(report.table())

@@ -37,7 +37,7 @@ from acim_fast.engine.model import CausalLM
 from acim_fast.engine.vllm_backend import VLLMBackend
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
-from acim_fast.execution.sandbox import Sandbox, SandboxOptions
+from acim_fast.execution.sandbox import STATUSES, Sandbox
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
 from acim_fast.train import checkpoint
 from acim_fast.train.dist import Ranks, copy_full_weights, from_env, shard, world_of_one
@@ -126,16 +126,23 @@ class _Trainer:
         cfg = self.config
         elapsed = self.records[-1]["time_s"] if self.records else 0.0  # time_s counts the earlier processes' time
         began = time.monotonic()
-        with (Sandbox(SandboxOptions(timeout_s=cfg.estep.sandbox_timeout_s)) as explore_box,
-              Sandbox(SandboxOptions(timeout_s=cfg.eval.sandbox_timeout_s)) as eval_box):
+        with (Sandbox(cfg.sandbox.options(cfg.estep.sandbox_timeout_s)) as explore_box,
+              Sandbox(cfg.sandbox.options(cfg.eval.sandbox_timeout_s)) as eval_box):
+            isolation = str(explore_box.isolation)
+            self.log(f"sandbox isolation: {isolation}")
             for it in tqdm.tqdm(range(self.first, cfg.iterations + 1), desc="EM iterations",
                                 disable=not (self.ranks.is_main and sys.stderr.isatty())):
-                record: dict[str, Any] = {"iteration": it, "algo": cfg.algo, "seed": cfg.seed}
+                record: dict[str, Any] = {"iteration": it, "algo": cfg.algo, "seed": cfg.seed,
+                                          "sandbox/isolation": isolation}
                 if it > 0:
+                    before = explore_box.tally()
                     result = self.e_step(it, explore_box)
+                    record.update(self.cell_outcomes("estep", explore_box, before))  # before training on them
                     record.update(result.metrics)
                     record.update(self.m_step(it, result))
+                before = eval_box.tally()
                 report = self.evaluation(it, eval_box)
+                record.update(self.cell_outcomes("eval", eval_box, before))
                 self.save(it, record, report, time_s=elapsed + time.monotonic() - began)
         self.finish()
         return self.records
@@ -146,6 +153,13 @@ class _Trainer:
         part = explore(self.policy, batch, self.config.estep, algo=self.config.algo, sandbox=sandbox,
                        seed=self.config.seed, iteration=it)
         return self.ranks.merge(part, EStepResult.merge)
+
+    def cell_outcomes(self, phase: str, sandbox: Sandbox, before: dict[str, int]) -> dict[str, int]:
+        """The phase's cells by status over every rank, as metrics; raises SandboxFailed (every rank alike) when
+        the sandbox itself failed too many of them."""
+        mine = {status: n - before[status] for status, n in sandbox.tally().items()}
+        counts = self.ranks.merge(mine, lambda parts: {s: sum(part[s] for part in parts) for s in mine})
+        return self.config.sandbox.outcomes(phase, counts)
 
     def m_step(self, it: int, result: EStepResult) -> dict[str, float]:
         """Train on the merged buffer and bring the new weights to the sampler; returns the M-step's metrics."""
@@ -331,10 +345,11 @@ def format_line(r: dict[str, Any]) -> str:
         value = r.get(key)
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
+    cells = " ".join(f"{status} {f(f'estep/cells_{status}', 'd')}" for status in STATUSES)
     return (f"iter {r['iteration']} | pass@1 {f('eval/pass_at_1')} | code use {f('eval/code_use_rate')} | "
             f"sel acc {f('eval/selection_accuracy')} | reward {f('estep/reward_mean')} | "
             f"buffer {f('estep/buffer', 'd')} | loss {f('mstep/loss', '.4f')} | clip {f('mstep/clip_frac')} | "
-            f"{r['time_s']:.0f} s")
+            f"cells {cells} | {r['time_s']:.0f} s")
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 cells arrive at the 100 cells/s goal, and the same two loads with 10% of the cells looping until their
 timeout, next to a baseline without them, to show that the other cells are not held back.
 
+The first three run in both isolation modes ("namespaces", the default, and the opt-in "weak").
+
 Run: pytest bench/bench_sandbox.py --benchmark-only  (figures are printed and stored in extra_info)
 """
 
@@ -57,9 +59,10 @@ def _mixed(n: int) -> list[str]:
     return [LOOP if i % 10 == 5 else TRIVIAL for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    with Sandbox(SandboxOptions(timeout_s=5.0)) as sb:
+@pytest.fixture(scope="module", params=["namespaces", "weak"])
+def sandbox(request):
+    """Both isolation modes side by side: what a cell's own namespaces and private root cost per cell."""
+    with Sandbox(SandboxOptions(timeout_s=5.0, isolation=request.param)) as sb:
         sb.run_batch([(TRIVIAL, ())] * 20)  # warm the server
         yield sb
 
@@ -77,13 +80,14 @@ def test_trivial_cells_per_second(benchmark, capsys, sandbox):
     assert all(r.ok for r in results)
     stats = benchmark.stats.stats
     figures = {"cells_per_s": n / stats.mean, "best_cells_per_s": n / stats.min}
-    name = f"throughput ({n} at once, concurrency {sandbox.options.concurrency})"
+    name = f"throughput, {sandbox.options.isolation} ({n} at once, concurrency {sandbox.options.concurrency})"
     _report(benchmark, capsys, name, figures)
 
 
 def test_latency_one_cell_at_a_time(benchmark, capsys, sandbox):
     benchmark.pedantic(sandbox.run, args=(TRIVIAL,), rounds=200, iterations=1)
-    _report(benchmark, capsys, "latency, one cell at a time", _percentiles_ms(benchmark.stats.stats.data))
+    name = f"latency, {sandbox.options.isolation}, one cell at a time"
+    _report(benchmark, capsys, name, _percentiles_ms(benchmark.stats.stats.data))
 
 
 def test_latency_at_100_cells_per_second(benchmark, capsys, sandbox):
@@ -91,7 +95,7 @@ def test_latency_at_100_cells_per_second(benchmark, capsys, sandbox):
     n = 300
     latencies = benchmark.pedantic(_submit_all, args=(sandbox, [TRIVIAL] * n, 0.01), rounds=1, iterations=1)
     figures = {"achieved_cells_per_s": n / benchmark.stats.stats.mean} | _percentiles_ms(latencies)
-    _report(benchmark, capsys, "latency at 100 cells/s", figures)
+    _report(benchmark, capsys, f"latency, {sandbox.options.isolation}, at 100 cells/s", figures)
 
 
 def test_stream_with_ten_percent_timeouts(benchmark, capsys, mix_sandbox):

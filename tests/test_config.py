@@ -5,6 +5,7 @@ import json
 import pytest
 
 from acim_fast.config import Config, default_preset, parse_args, smoke_preset
+from acim_fast.execution.sandbox import SandboxOptions
 from acim_kernels import LossConfig
 
 
@@ -38,6 +39,13 @@ def test_flags_take_either_spelling_and_the_rollout_backend_is_one():
     assert parse_args([])[0].rollout_backend == "ours"  # our sampler unless asked
 
 
+def test_the_sandbox_isolation_is_a_flag_and_namespaces_by_default():
+    assert parse_args([])[0].sandbox.isolation == "namespaces"
+    config, _ = parse_args(["--sandbox.isolation", "weak", "--sandbox.max-failed-share", "0.5"])
+    assert (config.sandbox.isolation, config.sandbox.max_failed_share) == ("weak", 0.5)
+    assert config.sandbox.options(3.0) == SandboxOptions(timeout_s=3.0, isolation="weak")
+
+
 def test_grpo_is_one_flag_and_defines_its_own_loss():
     config, _ = parse_args(["--algo", "grpo"])
     assert config.loss.objective == "clip"  # as given ...
@@ -57,6 +65,8 @@ def test_grpo_is_one_flag_and_defines_its_own_loss():
     (["--vllm.block_size", "0"], "VLLMOptions.block_size"),
     (["--estep.temperature", "0.7"], "Config.loss.temperature (1.0) must equal Config.estep.temperature (0.7)"),
     (["--loss.kl_coef", "0.1"], "Config.loss.kl_coef must be 0: the trainer feeds the loss no reference log-probs"),
+    (["--sandbox.isolation", "shared-uid"], "SandboxConfig.isolation must be one of ('namespaces', 'weak')"),
+    (["--sandbox.max_failed_share", "1.5"], "SandboxConfig.max_failed_share must be in [0, 1]"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
     (["--resume", "runs/x", "--seed", "1"], "--resume takes the saved config of the run as it is; drop --seed"),
 ])

@@ -1,6 +1,7 @@
 """python -m acim_fast.run: the reduced preset end to end (files, finite losses, changed weights), the data order,
 the embedded warm-up path, and crash safety: a run killed with SIGKILL resumes to the same result."""
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -15,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from acim_fast import run
 from acim_fast.config import smoke_preset
+from acim_fast.execution.sandbox import CellStatus, Result, Sandbox, SandboxConfig, SandboxFailed
 from acim_fast.run import iteration_problems, problems_of, train
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer/.metadata",
@@ -49,13 +52,19 @@ def test_smoke_run_writes_every_report_file_and_trains(warm_model, tmp_path):
     for r in records[1:]:
         assert r["estep/buffer"] > 0 and r["mstep/steps"] > 0 and r["mstep/skipped"] == 0
         assert math.isfinite(r["mstep/loss"]) and math.isfinite(r["mstep/grad_norm"])
+        assert r["estep/cells_ok"] > 0 and r["estep/cells_failed"] == 0  # the tool channel worked, and says so
+    for r in records:
+        assert r["sandbox/isolation"].startswith("namespaces (network netns, processes pidns")
+        assert r["eval/cells_ok"] > 0 and r["eval/cells_failed"] == 0
+    assert f"sandbox isolation: {records[0]['sandbox/isolation']}" in lines  # printed at the start
     for r in records:  # pass@1 is the share of correct rows in the report saved with the iteration's checkpoint
         rows = json.loads((out / "checkpoints" / f"iter_{r['iteration']:04d}" / "eval.json").read_text())["problems"]
         assert len(rows) == config.eval_problems
         assert r["eval/pass_at_1"] == sum(row["correct"] for row in rows) / config.eval_problems
     start, end = _weights(out, 0), _weights(out, 2)
     assert any(not torch.equal(start[k], end[k]) for k in start), "training changed no parameter"
-    assert any(line.startswith("iter 2 | pass@1 ") for line in lines)
+    assert any(line.startswith("iter 2 | pass@1 ") and f" cells ok {records[2]['estep/cells_ok']} error " in line
+               for line in lines)
     # The checkpoint is a Hugging Face directory: transformers loads it.
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "iter_0002")
@@ -64,6 +73,28 @@ def test_smoke_run_writes_every_report_file_and_trains(warm_model, tmp_path):
         torch.testing.assert_close(hf_state[k], v)
     with pytest.raises(ValueError, match="already holds checkpoints: continue it with --resume"):
         train(_smoke(out, warm_model), log=lambda _: None)
+
+
+class _BrokenSandbox(Sandbox):
+    """A sandbox whose every cell fails in the sandbox itself, as one whose server cannot set cells up."""
+
+    def submit(self, code, history=()):
+        future = concurrent.futures.Future()
+        future.add_done_callback(self._count)
+        future.set_result(Result(CellStatus.FAILED, "", "the sandbox could not set up the cell: test", 0.0))
+        return future
+
+
+def test_a_broken_sandbox_stops_the_run_before_it_trains_on_its_rollouts(warm_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "Sandbox", _BrokenSandbox)
+    with pytest.raises(SandboxFailed, match=r"eval: \d+ of \d+ cells failed in the sandbox itself, more than "
+                                            r"--sandbox.max_failed_share 0.1"):
+        train(_smoke(tmp_path / "run", warm_model), log=lambda _: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # iteration 0's evaluation was not saved as if sound
+    config = _smoke(tmp_path / "tolerant", warm_model, iterations=1)
+    config = dataclasses.replace(config, sandbox=SandboxConfig(max_failed_share=1.0))  # the threshold is the knob
+    records = train(config, log=lambda _: None)
+    assert records[1]["estep/cells_failed"] > 0 and records[1]["estep/cells_ok"] == 0
 
 
 def test_data_order_is_a_function_of_seed_and_iteration():

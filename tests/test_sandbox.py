@@ -23,7 +23,15 @@ from pathlib import Path
 import pytest
 
 import acim_fast
-from acim_fast.execution.sandbox import Isolation, Result, Sandbox, SandboxOptions, next_history
+from acim_fast.execution.sandbox import (
+    Isolation,
+    Result,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxOptions,
+    next_history,
+)
 
 ROOT = os.geteuid() == 0
 TIMEOUT_S = 2.0
@@ -604,6 +612,28 @@ def test_options_are_validated(field, value):
         SandboxOptions(**{field: value})
     with pytest.raises(ValueError, match="SandboxOptions.concurrency"):  # more slots than a random range
         SandboxOptions(concurrency=5000)
+
+
+def test_the_tally_counts_every_result_by_status(sandbox):
+    before = sandbox.tally()
+    results = sandbox.run_batch([("pass", ()), ("1 / 0", ()), ("pass", ())])
+    after = sandbox.tally()
+    assert set(before) == set(after) == {"ok", "error", "timeout", "memory", "killed", "failed"}
+    assert {s: after[s] - before[s] for s in after} == {**dict.fromkeys(after, 0), "ok": 2, "error": 1}
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+
+
+@pytest.mark.parametrize("failed, total, stops", [(0, 0, False), (0, 50, False), (5, 50, False), (6, 50, True),
+                                                  (1, 1, True)])
+def test_sandbox_failures_above_the_threshold_stop_the_run(failed, total, stops):
+    config = SandboxConfig(max_failed_share=0.1)
+    counts = {"ok": total - failed, "error": 0, "timeout": 0, "memory": 0, "killed": 0, "failed": failed}
+    if stops:
+        with pytest.raises(SandboxFailed, match=f"estep: {failed} of {total} cells failed in the sandbox itself, "
+                                                f"more than --sandbox.max_failed_share 0.1"):
+            config.outcomes("estep", counts)
+    else:
+        assert config.outcomes("estep", counts) == {f"estep/cells_{s}": n for s, n in counts.items()}
 
 
 def test_preload_imports_modules_once_in_the_server(sandbox):

@@ -21,13 +21,13 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 
-from acim_fast.common.fields import Choice
+from acim_fast.common.fields import Choice, option
 from acim_fast.common.worker import boot_argv, recv_frame, write_frame
 from acim_fast.execution import sandbox_server
 from acim_fast.execution.sandbox_server import ISOLATIONS, SandboxOptions, remove_tree
 
-__all__ = ["ISOLATIONS", "STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxOptions",
-           "next_history"]
+__all__ = ["ISOLATIONS", "STATUSES", "CellStatus", "Isolation", "Result", "Sandbox", "SandboxConfig", "SandboxFailed",
+           "SandboxOptions", "next_history"]
 
 
 class CellStatus(Choice):
@@ -112,6 +112,43 @@ class Isolation:
                 f"filesystem {self.filesystem})")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SandboxConfig:
+    """The trainer's sandbox settings (`--sandbox.*`); each phase's config holds its own cell timeout."""
+
+    isolation: str = option("namespaces", "namespaces: every cell in pid, mount, IPC and network (without root also "
+                            "user) namespaces of its own, with a private read-only root; refuses to start where the "
+                            "kernel forbids them | weak: opt-in, no namespaces; without root, cells run as your uid")
+    max_failed_share: float = option(0.1, "stop the run when more than this share of a phase's cells failed in the "
+                                     "sandbox itself (its server died, a fork or a cell's setup failed; not the "
+                                     "model's errors, timeouts or kills)")
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"SandboxConfig.isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        share = self.max_failed_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"SandboxConfig.max_failed_share must be in [0, 1], got {share!r}")
+
+    def options(self, timeout_s: float) -> SandboxOptions:
+        return SandboxOptions(timeout_s=timeout_s, isolation=self.isolation)
+
+    def outcomes(self, phase: str, counts: dict[str, int]) -> dict[str, int]:
+        """`counts` (cells by status) as the metrics `<phase>/cells_<status>`; raises SandboxFailed when the
+        sandbox's own failures are more than `max_failed_share` of them: a silently broken sandbox would turn tool
+        RL into plain RL."""
+        total, failed = sum(counts.values()), counts[str(CellStatus.FAILED)]
+        if total and failed / total > self.max_failed_share:
+            raise SandboxFailed(f"{phase}: {failed} of {total} cells failed in the sandbox itself, more than "
+                                f"--sandbox.max_failed_share {self.max_failed_share:g} (outcomes {counts}); the "
+                                f"sandbox server's stderr above says why")
+        return {f"{phase}/cells_{status}": n for status, n in counts.items()}
+
+
+class SandboxFailed(RuntimeError):
+    """The sandbox itself failed too many cells (see `SandboxConfig.outcomes`)."""
+
+
 def next_history(history: Sequence[str], code: str, result: Result) -> tuple[str, ...]:
     """The history a trajectory's next cell replays: a failed cell's definitions are not kept.
 
@@ -149,6 +186,8 @@ class Sandbox:
         self._server_options = options.with_uid_base()
         self._ids = itertools.count()
         self._lock = threading.Lock()  # serialises submits and server restarts
+        self._tally = dict.fromkeys(STATUSES, 0)  # results handed out, by status (see `tally`)
+        self._tally_lock = threading.Lock()
         self._closed = False
         # The workroot holds the cells' directories in the subreaper fallback; the trainer owns it so that
         # it goes away even if the server is killed.
@@ -166,6 +205,16 @@ class Sandbox:
     def isolation(self) -> Isolation:
         return self._client[0].isolation
 
+    def tally(self) -> dict[str, int]:
+        """How many cells ended with each status (all of `STATUSES`) since this Sandbox was created, server restarts
+        included: the tool channel's telemetry (a run compares two tallies)."""
+        with self._tally_lock:
+            return {str(status): n for status, n in self._tally.items()}
+
+    def _count(self, future: concurrent.futures.Future[Result]) -> None:
+        with self._tally_lock:
+            self._tally[future.result().status] += 1
+
     def submit(self, code: str, history: Sequence[str] = ()) -> concurrent.futures.Future[Result]:
         """Queue one cell after replaying `history`; the Future never raises for anything the cell does."""
         if not isinstance(code, str):
@@ -177,6 +226,7 @@ class Sandbox:
                 raise ValueError(f"history[{i}]: expected str, got {type(source).__name__}")
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # a started cell cannot be cancelled
+        future.add_done_callback(self._count)
         job = {"id": next(self._ids), "code": code, "history": list(history)}
         with self._lock:
             if self._closed:

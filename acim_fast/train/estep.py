@@ -287,7 +287,6 @@ def explore(policy: RolloutModel, problems: Sequence[Problem], cfg: EStepConfig,
 
     buffer = build_buffer(samples, stats, cfg, algo=algo, seed=seed, iteration=iteration)
     counters = {"estep/tool_tokens": sum(r.tool_tokens - o.prefix for r, o in zip(records, origins)),
-                "estep/cell_errors": sum(r.errors + r.timeouts for r in records),
                 **{f"estep/{k}": engine_stats[k]
                    for k in ("prefix_reused_tokens", "prefill_tokens", "recomputed_tokens")}}
     return EStepResult(samples=samples, stats=stats, buffer=buffer, counters=counters,
