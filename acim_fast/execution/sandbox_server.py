@@ -277,6 +277,9 @@ class _Server:
         self.root = os.geteuid() == 0
         self.namespaces = self.opts.isolation == "namespaces"
         if self.namespaces:
+            if os.uname().machine not in _SYS_PIVOT_ROOT:
+                raise _Refused(_no_namespaces(f"pivot_root's syscall number on {os.uname().machine} is not known",
+                                              self.root))
             self.outer_ids = os.geteuid(), os.getegid()
             try:
                 if not self.root:  # the server becomes root of a user namespace, where it may make the others
