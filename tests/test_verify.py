@@ -1,11 +1,12 @@
 """Tests of acim_fast.reward.verifier: answer extraction, the human-graded equivalence table, real data
 (MATH-500 and GSM8K reference solutions against their gold answers), the time bound and recovery of
-the worker pool, and calls from non-main threads."""
+the worker pool, calls from non-main threads, and the time the trainer's process spends on degenerate responses."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import signal
 import subprocess
@@ -52,6 +53,9 @@ EXTRACTION = [
     (r"\boxed{   }", None),
     (r"\boxed{3}. The answer is 4", "3"),  # a box beats every fallback
     ("She earns 9 * 2 = <<9*2=18>>18.\n#### 1,234", "1,234"),
+    ("#### 12.5%", "12.5%"),
+    ("so 7\n####   \n", "7"),  # a blank "####" line is no answer
+    ("#### " + " " * 1000 + "5", "5"),
     ("#### Step 2: add them\nThe answer is 5.", "5"),  # a markdown heading is not GSM8K's answer line
     ("The answer is 42. We checked it twice.", "42"),
     (r"The final answer is $\frac{1}{2}$. I hope it is correct.", r"\frac{1}{2}"),
@@ -114,11 +118,41 @@ TABLE = [
     (B % r"5\text{ cm}", "5", 1, ""),
     (B % "5.4", r"5.4 \text{ cents}", 1, ""),
     (B % r"\frac{\pi}{2}", r"90^\circ", 0, "degrees asked, radians given: format error, graded wrong"),
+    (B % "5 dollars", "5", 1, "Minerva's normaliser removes 'dollars'; math-verify alone says 0"),
+    (B % "1,000 dollars", "1000", 1, ""),
+    ("The answer is 5 dollars.", "5", 1, ""),
+    ("The answer is $5.", "5", 1, ""),
+    (B % r"\$5.00", "5", 1, ""),
+    (B % "5 cm", "5", 1, ""),
+    (B % r"\text{5 cm}", "5", 1, "math-verify alone says 0"),
+    (B % r"5 \mbox{cm}", "5", 1, ""),
+    (B % r"5\text{ cm}^2", "5", 1, ""),
+    (B % "5", "5 dollars", 1, "the gold carries the unit"),
+    (B % "5", r"\$5", 1, ""),
+    (B % "5", r"\text{5 cm}", 1, ""),
+    (B % "5 cm", "6", 0, ""),
+    (B % r"\text{5 cm}", "6", 0, ""),
+    (B % "5 dollars", "50", 0, ""),
+    (B % r"5\text{ cm}", "6", 0, ""),
+    (B % "5x", "5", 0, "a letter after a number is algebra, not a unit"),
+    (B % "5 x", "5", 0, ""),
+    (B % "5", "5x", 0, ""),
     # percentages
     (B % r"50\%", "50", 1, ""),
     (B % "50", r"50\%", 1, "'what percent' answered without the sign"),
     (B % "0.5", r"50\%", 1, "math-verify accepts the fraction of one for a percentage; we keep that"),
     (B % r"25\%", r"50\%", 0, ""),
+    (B % r"12.5\%", "12.5", 1, "MATH strips \\%; math-verify alone reads 12.5\\% as 0.125 and says 0"),
+    (B % "12.5%", "12.5", 1, ""),
+    (B % "12.5 percent", "12.5", 1, ""),
+    (B % "12.5", r"12.5\%", 1, "the gold carries the sign"),
+    (B % "12.5", "12.5%", 1, ""),
+    (B % r"12.5\%", "0.125", 1, "the fraction of one again, the other way round"),
+    ("The answer is 12.5%.", "12.5", 1, ""),
+    ("#### 12.5%", "12.5", 1, ""),
+    (B % r"15\%", "12.5", 0, ""),
+    (B % "15%", r"12.5\%", 0, ""),
+    (B % "12.5", "0.125", 0, "no percent sign on either side: two different numbers"),
     # intervals
     (B % "(1, 2]", r"\left(1,2\right]", 1, ""),
     (B % "[1,2)", "(1,2]", 0, ""),
@@ -410,3 +444,96 @@ def test_a_worker_that_became_ready_long_ago_is_used_not_failed():
         assert readable
         worker.started -= 3600  # as if spawned an hour ago: past any startup deadline
         assert p.verify(r"\boxed{\frac{1}{2}}", "0.5").reason == "correct"  # needs math-verify: a worker
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate responses: extraction and the cheap decisions run in the trainer's process, outside any timeout
+
+
+def _degenerate(n: int) -> list[tuple[str, str]]:
+    """(name, response) of about `n` characters (joined boxes: about 3n, where quadratic joining shows)."""
+    return [
+        ("spaces", " " * n),
+        ("'#'", "#" * n),
+        ("'{'", "{" * n),
+        ("backslashes", "\\" * n),
+        ("digits", "7" * n),
+        ("'####' + spaces", "####" + " " * n),
+        ("'####' + spaces + a letter", "####" + " " * n + "x"),
+        ("'#### 1 1 ... 1 x'", "#### " + "1 " * (n // 2) + "x"),
+        ("'answer' + spaces + a letter", "answer" + " " * n + "x"),
+        ("empty boxes", r"\boxed{}" * (n // 8)),
+        ("joined boxes", r"\boxed{1} " * (n // 3)),
+        ("hedged boxes", "".join(rf"\boxed{{{k}}} or " for k in range(n // 14))),
+        ("unclosed boxes", r"\boxed{" * (n // 7)),
+        ("nested boxes", r"\boxed{" * (n // 14) + "}" * (n // 14)),
+        ("unbalanced braces", r"\boxed{" + "}{" * (n // 2)),
+        ("'\\boxed' + spaces", r"\boxed" + " " * n),
+        ("nested \\text in a box", r"\boxed{" + r"\text{" * (n // 7) + "}" * (n // 7) + "}"),
+        ("boxed digits", r"\boxed{" + "9" * n + "}"),
+        ("boxed number, spaces, unit", r"\boxed{5" + " " * n + "cm}"),
+        ("boxed number, repeated unit", r"\boxed{5" + "cm" * (n // 2) + "}"),
+        ("boxed \\text{huge number cm}", r"\boxed{\text{" + "5" * n + " cm}}"),
+    ]
+
+
+# Times, in a child process (a super-linear regex cannot be interrupted), everything the trainer's process does
+# with a response: extraction and the cheap decisions against golds that take each of their paths.
+TIMING_CHILD = r"""
+import json, sys, time
+from acim_fast.reward.extract import extract_answer
+from acim_fast.reward.verifier import _quick_reason
+with open(sys.argv[1]) as f:
+    responses = json.load(f)
+print("ready", flush=True)
+for text in responses:
+    start = time.perf_counter()
+    pred = extract_answer(text)
+    for gold in ("5", r"\text{Evelyn}", r"12.5\%", "x^2+1"):
+        if pred is not None:
+            _quick_reason(pred, gold)
+    print(time.perf_counter() - start, flush=True)
+"""
+
+
+@pytest.mark.parametrize("size", [100_000, pytest.param(1_000_000, marks=pytest.mark.slow)])
+def test_degenerate_responses_take_linear_time(tmp_path, size):
+    cases = _degenerate(size)
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([text for _, text in cases]))
+    child = subprocess.Popen([sys.executable, "-c", TIMING_CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in child.stdout], daemon=True).start()
+    try:
+        assert lines.get(timeout=60) == "ready"
+        for name, text in cases:
+            # Linear code takes ~0.3 s per MB here; the bound leaves room for a loaded 2-core machine. The
+            # quadratic code it replaced took minutes to forever on several of these.
+            bound = 1.0 + 4.0 * len(text) / 1e6
+            try:
+                elapsed = float(lines.get(timeout=bound + 5.0))
+            except queue.Empty:
+                pytest.fail(f"{name} ({len(text)} chars): no result within {bound + 5.0:.1f} s")
+            assert elapsed < bound, f"{name} ({len(text)} chars): {elapsed:.2f} s"
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_degenerate_responses_get_a_reward_within_the_timeout(pool):
+    """The whole path, workers included: megabyte answers reach math-verify, which the timeout bounds."""
+    n = 1_000_000
+    responses = [
+        "####" + " " * n,
+        r"\boxed{" + "x+" * (n // 2) + "1}",  # a megabyte for math-verify to parse
+        "#### " + "1+" * (n // 2) + "1",
+        r"\boxed{" + "12.5" + " " * n + r"\%}",
+        r"\boxed{1} " * (n // 3),
+    ]
+    start = time.monotonic()
+    verdicts = pool.verify_batch([(text, "5") for text in responses], timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert [v.reward for v in verdicts] == [0.0] * len(responses), verdicts
+    # Each check 1 s on 2 workers, a worker restart after each timeout, extraction ~1 s: 30 s is generous.
+    assert elapsed < 30.0, elapsed

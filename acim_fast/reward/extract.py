@@ -4,12 +4,15 @@ r"""Final-answer extraction from a model response: `extract_answer`, the first r
    braces (X = the next run of non-space characters). The last box counts; boxes directly before it separated
    only by spaces, `$`, commas, "and" or "or" are joined to it with ", " ("\boxed{2} or \boxed{3}" is the hedge
    "2, 3"). A nested box is unwrapped. A malformed last box (unbalanced, empty) means no answer, no fallback.
-2. The last line "#### X" (GSM8K) whose X has no letters: "#### Step 2: ..." is a markdown heading.
+2. The last line "#### X" (GSM8K) whose X is not blank and has no letters: "#### Step 2: ..." is a markdown
+   heading.
 3. The last "answer is X" / "answer: X" (also "Final Answer", markdown bold), X = the first math span
    (`$..$`, `\(..\)`, `\[..\]`) right after it, else the text up to the end of the sentence/line.
 4. The last plain number (integer or decimal, optional sign, thousands commas), unless `last_number=False`.
 
-It does not compare the answer with the gold one: `verifier` does.
+It does not compare the answer with the gold one: `verifier` does. It runs in the trainer's process, outside the
+verifier's timeout, so every step is linear in the length of the response: no pattern here can backtrack
+quadratically (a response is whatever the model wrote: a megabyte of spaces after "####" is a valid input).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import re
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BARE_BOX_ARG_RE = re.compile(r"[^\s$]+")
 _BOX_JOIN_RE = re.compile(r"[\s$,]*(?:(?:and|or)[\s$,]*)?")
-# GSM8K's "#### 18" line; a line with letters is a markdown heading ("#### Step 2: ..."), not an answer.
-_HASH_RE = re.compile(r"(?m)^[ \t]*####[ \t]*([^A-Za-z\n]*[^A-Za-z\s])[ \t]*$")
+# A "####" line; whether it is GSM8K's answer line is decided in Python (`_hash_answer`): a single pattern that
+# also excludes letters and blanks had `[ \t]*` and `[^A-Za-z\n]*` competing for the same spaces, which is
+# quadratic in a run of spaces.
+_HASH_LINE_RE = re.compile(r"(?m)^[ \t]*####([^\n]*)")
+_LETTER_RE = re.compile(r"[A-Za-z]")
 _ANSWER_IS_RE = re.compile(r"(?i)\banswer\b\**\s*(?:is\b\s*:?|:)[\s*]*")
 _MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
@@ -81,17 +87,28 @@ def _boxed_answer(text: str) -> tuple[bool, str | None]:
     start, _, content = boxes[-1]
     if content is None:
         return True, None
-    parts = [content]
+    parts = [content]  # collected backwards: inserting at the front would be quadratic in the number of boxes
     for prev_start, prev_end, prev_content in reversed(boxes[:-1]):
         if prev_content is None or not _BOX_JOIN_RE.fullmatch(text[prev_end:start]):
             break
-        parts.insert(0, prev_content)
+        parts.append(prev_content)
         start = prev_start
-    answer = ", ".join(dict.fromkeys(parts))  # "\boxed{5} \boxed{5}" is one answer, not the set {5, 5}
+    answer = ", ".join(dict.fromkeys(reversed(parts)))  # "\boxed{5} \boxed{5}" is one answer, not the set {5, 5}
     inner = _boxes(answer)
     if len(inner) == 1 and inner[0][0] == 0 and inner[0][1] == len(answer):
         return True, inner[0][2]  # "\boxed{\boxed{5}}"
     return True, answer
+
+
+def _hash_answer(text: str) -> str | None:
+    """X of the last "#### X" line whose X is not blank and has no letters (a line with letters is a markdown
+    heading, "#### Step 2: ..."), or None."""
+    answer = None
+    for m in _HASH_LINE_RE.finditer(text):
+        rest = m.group(1)
+        if rest.strip() and _LETTER_RE.search(rest) is None:
+            answer = rest
+    return answer
 
 
 def _clean_tail(tail: str) -> str | None:
@@ -117,9 +134,9 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     has_box, boxed = _boxed_answer(text)
     if has_box:
         return boxed
-    hashes = _HASH_RE.findall(text)
-    if hashes:
-        return _clean_tail(hashes[-1])
+    hashed = _hash_answer(text)
+    if hashed is not None:
+        return _clean_tail(hashed)
     answer_is = list(_ANSWER_IS_RE.finditer(text))
     if answer_is:
         return _clean_tail(text[answer_is[-1].end() :])
@@ -128,7 +145,3 @@ def extract_answer(text: str, *, last_number: bool = True) -> str | None:
         if numbers:
             return numbers[-1]
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Cheap decisions in the calling process

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
 from acim_fast.reward.extract import extract_answer
 
@@ -47,17 +48,38 @@ class Verdict:
 # ----------------------------------------------------------------------------------------------
 # Extraction
 
+# Everything before the workers runs in the trainer's process, outside the verifier's timeout, on whatever the
+# model wrote: each step here is linear in the length of the answer (a pattern is applied a bounded number of times
+# and cannot backtrack quadratically).
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}")
+_MAX_TEXT_NESTING = 8  # passes of _TEXT_WRAPPER_RE: one pass per level would be quadratic in `\text{` * 100000
 _SPACING_RE = re.compile(r"\\(?:left|right|displaystyle|quad|qquad)(?![A-Za-z])|\\[,!;: ]|~|\s+")
-_INTEGER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _SCIENTIFIC_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)\s*")
+# A number with the decorations the MATH graders strip (Hendrycks' strip_string: `\$`, `\%`, `^\circ`, a
+# `\text{ unit}`; Minerva's normaliser: unit words such as "dollars", "cm") and GSM8K's (the number alone).
+# Text-mode words after a number are a unit; bare words only from this list, so "5x" stays algebra.
+_UNIT_WORDS = (
+    "dollars?|cents?|pounds?|units?|ways|points?|digits?|integers?|degrees?|inches|inch|feet|foot|ft|yards?|miles?|"
+    "meters?|metres?|km|cm|mm|kg|gm|mph|seconds?|minutes?|hours?|days?|weeks?|months?|years?|students?|meals?|edges?"
+)
+_WHOLE_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|textnormal|mbox)\s*\{([^{}]*)\}")
+_LEADING_NUMBER_RE = re.compile(r"(?:\\\$)?(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+# Applied to what follows the number, spaces removed: no two parts can match the same characters.
+_NUMBER_SUFFIX_RE = re.compile(
+    r"(?P<percent>\\?%|percent)?(?:\^\{?\\circ\}?)?"
+    rf"(?:(?:\\(?:text|textrm|textnormal|mbox)\{{[A-Za-z]*\}}|(?:square|sq|cubic)?(?:{_UNIT_WORDS}))(?:\^\{{?[23]\}}?)?)?"
+    r"\.?"
+)
 
 
 def _unwrap_text(s: str) -> tuple[str, bool]:
-    """`s` with `\\text{..}`-like wrappers replaced by their content, and whether there were any."""
-    unwrapped, count = _TEXT_WRAPPER_RE.subn(r"\1", s)
-    while count:
+    """`s` with `\\text{..}`-like wrappers replaced by their content, and whether there were any. Each pass unwraps
+    one level of nesting in linear time; wrappers nested deeper than `_MAX_TEXT_NESTING` (no answer does) stay."""
+    unwrapped = s
+    for _ in range(_MAX_TEXT_NESTING):
         unwrapped, count = _TEXT_WRAPPER_RE.subn(r"\1", unwrapped)
+        if not count:
+            break
     return unwrapped, unwrapped != s
 
 
@@ -78,15 +100,21 @@ def _normalize(s: str) -> str:
     return s.strip("$").removeprefix("\\$").rstrip(".")
 
 
-def _as_integer(s: str) -> str | None:
-    """The canonical digits of a plain integer ("-1,000" -> "-1000"), None for anything else.
-    Kept as a string: int() refuses more than 4300 digits."""
-    # Spaces are not removed here: "1, 234" is a set of two numbers, "1,234" a number.
-    s = s.strip().strip("$").removeprefix("\\$").replace("{,}", ",").replace("\\!", "").rstrip(".")
-    if not _INTEGER_RE.fullmatch(s):
+def _as_number(s: str) -> tuple[Decimal, bool] | None:
+    """(value, exact) of an answer that is one number with only the decorations the MATH and GSM8K graders strip
+    (`\\$5`, `12.5\\%`, `30^\\circ`, `5 cm`, `5\\text{ cm}`, `\\text{5 cm}`, "1,000 dollars"); None for anything else.
+    `exact`: an integer without a percent sign, wrong against any other such integer. A Decimal, not an int: int()
+    refuses more than 4300 digits."""
+    s = s.strip().strip("$").replace("{,}", ",").replace("\\!", "")
+    if (whole := _WHOLE_TEXT_RE.fullmatch(s)) is not None:
+        s = whole.group(1).strip()
+    # Spaces count only after the number: "1, 234" is a set of two numbers, "1,234" a number.
+    if (number := _LEADING_NUMBER_RE.match(s)) is None:
         return None
-    digits = s.lstrip("-").replace(",", "").lstrip("0") or "0"
-    return "-" + digits if s.startswith("-") and digits != "0" else digits
+    if (suffix := _NUMBER_SUFFIX_RE.fullmatch(_SPACING_RE.sub("", s[number.end() :]))) is None:
+        return None
+    digits = number.group(1).replace(",", "")
+    return Decimal(digits), "." not in digits and suffix.group("percent") is None
 
 
 def _to_latex(s: str) -> str:
@@ -106,10 +134,15 @@ def _quick_reason(pred: str, gold: str) -> str | None:
         return "correct" if _text_key(pred) == text_key else "wrong"
     if _normalize(pred) == _normalize(gold):  # spaces, `\left`/`\right`, `\dfrac`, `$`
         return "correct"
-    # Both plain integers (thousands commas allowed): compared exactly.
-    pred_int, gold_int = _as_integer(pred), _as_integer(gold)
-    if pred_int is not None and gold_int is not None:
-        return "correct" if pred_int == gold_int else "wrong"
+    # Both numbers once units, `\$` and `%` are stripped, as the MATH and GSM8K graders strip them ("12.5\%" is
+    # 12.5; math-verify reads it as 0.125). Unequal, two plain integers are wrong; with a decimal or a percent sign
+    # math-verify decides (it rounds floats, and takes 0.5 for 50\%).
+    pred_number, gold_number = _as_number(pred), _as_number(gold)
+    if pred_number is not None and gold_number is not None:
+        if pred_number[0] == gold_number[0]:
+            return "correct"
+        if pred_number[1] and gold_number[1]:
+            return "wrong"
     return None
 
 
