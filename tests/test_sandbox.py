@@ -367,6 +367,41 @@ def test_no_host_directory_is_writable_from_a_cell():
     assert found["wrote"] == []
 
 
+UNDER_TMP = """
+import os, shutil, sys, tempfile
+from acim_fast.execution import sandbox_server as ss
+venv = tempfile.mkdtemp(dir="/tmp")  # as a clone in /tmp with its .venv would be
+open(f"{venv}/marker", "w").close()
+staging = tempfile.mkdtemp()
+if os.geteuid() != 0:
+    ss._enter_user_namespace(inner=(0, 0), outer=(os.geteuid(), os.getegid()))
+ss._sys("unshare", ss._CLONE_NEWPID)
+pid = os.fork()
+if pid == 0:
+    ss._enter_cell_root(staging, 1 << 20, [*ss._cell_root_paths(staging), venv])
+    print(os.listdir(venv))
+    for path in (f"{venv}/x", "/tmp/x"):
+        try:
+            open(path, "w").close()
+            print("wrote", path == "/tmp/x" or path)
+        except OSError as exc:
+            print("refused", exc.strerror)
+    sys.stdout.flush()
+    os._exit(0)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+shutil.rmtree(venv)
+os.rmdir(staging)
+sys.exit(code)
+"""
+
+
+def test_an_interpreter_under_tmp_is_bound_read_only_inside_the_cells_own_tmp():
+    """The cell's /tmp is its own tmpfs; an interpreter directory below /tmp is bound read-only inside it."""
+    done = subprocess.run([sys.executable, "-c", UNDER_TMP], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "['marker']\nrefused Read-only file system\nwrote True\n"
+
+
 CHANNEL_OPEN = """
 import ctypes, socket, time
 libc = ctypes.CDLL(None)

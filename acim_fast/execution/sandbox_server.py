@@ -748,6 +748,9 @@ def _enter_cell_root(staging: str, tmp_bytes: int, paths: list[str]) -> None:
     _sys("unshare", _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWNET)
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # else mounts would propagate to the host
     _mount("tmpfs", staging, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    os.mkdir(f"{staging}/tmp")  # first: an interpreter under /tmp (a venv in a clone there) is bound inside it
+    _mount("tmpfs", f"{staging}/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
+           f"size={tmp_bytes},nr_inodes={_TMPFS_INODES},mode=1777")
     for path in paths:
         target = staging + path
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
@@ -756,7 +759,7 @@ def _enter_cell_root(staging: str, tmp_bytes: int, paths: list[str]) -> None:
         else:
             os.makedirs(target, mode=0o755, exist_ok=True)
             _mount(path, target, None, _MS_BIND | _MS_REC)
-    _readonly_below(staging)  # before the writable mounts below join them
+            _readonly(target)
     os.makedirs(f"{staging}/dev", mode=0o755, exist_ok=True)
     for name in _DEVICES:
         os.close(os.open(f"{staging}/dev/{name}", os.O_CREAT | os.O_EXCL, 0o666))
@@ -766,9 +769,6 @@ def _enter_cell_root(staging: str, tmp_bytes: int, paths: list[str]) -> None:
         os.symlink(target, f"{staging}/dev/{name}")
     os.mkdir(f"{staging}/proc")
     _mount("proc", f"{staging}/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # while the host's is visible
-    os.mkdir(f"{staging}/tmp")
-    _mount("tmpfs", f"{staging}/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
-           f"size={tmp_bytes},nr_inodes={_TMPFS_INODES},mode=1777")
     for target, source in (("var/tmp", ".var-tmp"), ("dev/shm", ".shm")):
         os.makedirs(f"{staging}/{target}", mode=0o755, exist_ok=True)
         os.mkdir(f"{staging}/tmp/{source}")
@@ -785,13 +785,14 @@ def _enter_cell_root(staging: str, tmp_bytes: int, paths: list[str]) -> None:
     os.chdir("/")
 
 
-def _readonly_below(top: str) -> None:
-    """Remount read-only every mount below `top` (a recursive bind brings the host's submounts along). Flags a
-    user namespace may not clear (noexec, nosuid, nodev) are kept; atime flags are kept by a remount anyway."""
+def _readonly(top: str) -> None:
+    """Remount read-only the mount at `top` and every one below it (a recursive bind brings the host's submounts
+    along). Flags a user namespace may not clear (noexec; nosuid and nodev are set anyway) are kept, and a remount
+    keeps the atime flags by itself."""
     with open("/proc/self/mountinfo") as f:
         points = [_unescape(line.split()[4]) for line in f]
     for point in points:
-        if point.startswith(top + "/"):
+        if point == top or point.startswith(top + "/"):
             kept = os.statvfs(point).f_flag & _MS_NOEXEC  # ST_NOEXEC == MS_NOEXEC
             _mount(None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept)
 
