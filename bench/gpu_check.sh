@@ -21,7 +21,7 @@ timeout 150 python -m torch.distributed.run --standalone --nproc_per_node 1 -m a
 timeout 90 python -m acim_fast.run --preset smoke --dtype bfloat16 --device cuda --model "$OUT/fsdp_smoke/warmup" \
     --out_dir "$OUT/bf16_one_process" 2>&1 | tail -20 | tee "$OUT/bf16_one_process.log"
 BENCH_JSON="$OUT/policy_loss.json" timeout 200 python -m pytest -q bench/bench_policy_loss.py \
-    bench/bench_paged_attention.py bench/bench_sampler.py bench/bench_mstep.py --benchmark-only \
+    bench/bench_paged_attention.py bench/bench_sampler.py bench/bench_mstep.py bench/bench_varlen.py --benchmark-only \
     --benchmark-json "$OUT/bench_raw.json" 2>&1 | tee "$OUT/bench.log"
 # The vLLM backend on CUDA (sleep mode included), only where vLLM is installed on the machine (a CUDA vLLM wheel is
 # too large to carry): the same tests as on CPU, then the E-step comparison.

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -15,6 +16,7 @@ from acim_fast.engine.model import (
     ModelConfig,
     PagedInputs,
     decode_attention_shared_prefix,
+    default_varlen_path,
     plan_shared_prefix,
 )
 from acim_kernels.paged_attention_ref import paged_attention_ref
@@ -177,7 +179,46 @@ def test_shared_prefix_decode_attention_equals_paged_reference(num_q_heads, num_
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_varlen_packed_equals_per_sequence_with_gradients():
+def test_the_packed_forward_is_one_attention_call_per_layer_off_the_cpu(monkeypatch):
+    """The masked path (CUDA fp32) calls SDPA once per layer whatever the number of sequences; the loop (CPU) once
+    per sequence and layer; CUDA half precision takes FlashAttention's varlen kernel (run by bench/gpu_check.sh)."""
+    model = CausalLM(ModelConfig.from_hf_dict(_hf_model("qwen2-gqa-tied").config.to_dict()))
+    ids, cu = _packed(_seqs([11, 1, 30, 7], seed=5))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    for path, per_layer in (("masked", 1), ("loop", 4)):
+        calls.clear()
+        with torch.no_grad():
+            model.forward_hidden(ids, cu_seqlens=cu, varlen_path=path)
+        assert len(calls) == per_layer * model.config.num_layers, path
+    assert default_varlen_path(torch.device("cuda"), torch.bfloat16) == "flash"
+    assert default_varlen_path(torch.device("cuda"), torch.float32) == "masked"
+    assert default_varlen_path(torch.device("cpu"), torch.bfloat16) == "loop"
+    with pytest.raises(ValueError, match="path must be one of"):
+        model.forward_hidden(ids, cu_seqlens=cu, varlen_path="flex")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a CUDA GPU "
+                                                         "(bench/gpu_check.sh runs this file on one)")
+def test_the_flash_varlen_path_equals_the_per_sequence_loop_on_cuda():
+    hf = _hf_model("qwen2-gqa-tied")
+    model = CausalLM(ModelConfig.from_hf_dict(hf.config.to_dict()), dtype=torch.bfloat16).cuda()
+    model.load_state_dict({k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
+    ids, cu = _packed(_seqs([11, 1, 30, 7], seed=5))
+    outputs, grads = {}, {}
+    for path in ("flash", "loop"):
+        model.zero_grad(set_to_none=True)
+        outputs[path] = model.forward_hidden(ids.cuda(), cu_seqlens=cu, varlen_path=path)
+        outputs[path].float().square().mean().backward()
+        grads[path] = {n: p.grad.float() for n, p in model.named_parameters()}
+    torch.testing.assert_close(outputs["flash"].float(), outputs["loop"].float(), atol=2e-2, rtol=2e-2)
+    for n in grads["loop"]:
+        torch.testing.assert_close(grads["flash"][n], grads["loop"][n], atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("varlen_path", ["loop", "masked"])
+def test_varlen_packed_equals_per_sequence_with_gradients(varlen_path):
     hf = _hf_model("qwen2-gqa-tied")
     # fp64, so that packed and per-sequence agree to rounding (fp32 gradients differ by summation order).
     model = CausalLM(ModelConfig.from_hf_dict(hf.config.to_dict()), dtype=torch.float64)
@@ -186,7 +227,7 @@ def test_varlen_packed_equals_per_sequence_with_gradients():
     ids, cu = _packed(seqs)
     w = torch.randn(ids.shape[0], model.config.hidden_size, dtype=torch.float64)
 
-    packed = model.forward_hidden(ids, cu_seqlens=torch.tensor(cu))
+    packed = model.forward_hidden(ids, cu_seqlens=torch.tensor(cu), varlen_path=varlen_path)
     (packed * w).sum().backward()
     grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

@@ -120,7 +120,7 @@ def _packs(rows: list[Row], micro_batch_tokens: int, dist: Dist | None) -> list[
 
 
 def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpoint_layers: bool = False):
-    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens.to(model.device),
+    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens,
                                   checkpoint_layers=checkpoint_layers)
     v = {k: t.to(model.device) for k, t in p.values.items()}
     return policy_loss(hidden, model.lm_head_weight, p.targets.to(model.device), old_logp=v["old_logp"],
