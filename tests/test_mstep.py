@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from acim_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from acim_fast.train import mstep
 from acim_fast.train.estep import Sample
 from acim_fast.train.mstep import MStep, MStepConfig, behaviour_gap, recompute_logprobs
 from acim_kernels import LossConfig
@@ -139,6 +140,27 @@ def test_recomputed_logprobs_match_the_dense_forward_and_the_gap_report(model):
     # Off-context samples (a cut prefix) are left out of the gap: nothing left is nan.
     off = [replace(s, off_context=True) for s in shifted]
     assert math.isnan(behaviour_gap(off, recomputed)["mstep/behaviour_gap_max"])
+
+
+def test_only_a_seeded_sample_of_the_buffer_is_recomputed_for_the_gap(model, monkeypatch):
+    samples = _samples()
+    samples[1] = replace(samples[1], off_context=True)  # the gap cannot use it: never drawn
+    seen = []
+    real = mstep.recompute_logprobs
+    monkeypatch.setattr(mstep, "recompute_logprobs",
+                        lambda m, probed, **kw: seen.append(probed) or real(m, probed, **kw))
+    for n, expected in ((2, 2), (0, 0), (100, len(samples) - 1)):
+        seen.clear()
+        trainer = MStep(model, MStepConfig(lr=0.0, epochs=1, behaviour_gap_samples=n), total_steps=1)
+        metrics = trainer.train(samples, LOSS)
+        assert [len(p) for p in seen] == ([expected] if expected else [])
+        assert all(not s.off_context for p in seen for s in p)
+        assert math.isnan(metrics["mstep/behaviour_gap_max"]) == (expected == 0)
+    assert mstep.gap_probe(samples, 2, seed=7) == mstep.gap_probe(samples, 2, seed=7)  # every rank draws the same
+    seen.clear()
+    MStep(model, MStepConfig(lr=0.0, epochs=1, behaviour="recompute", behaviour_gap_samples=0),
+          total_steps=1).train(samples, LOSS)
+    assert [len(p) for p in seen] == [len(samples)]  # the ratio's old log-probs: every sample
 
 
 def test_recompute_behaviour_starts_at_ratio_one(model):

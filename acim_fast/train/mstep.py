@@ -2,7 +2,8 @@
 
 `MStep` owns the optimiser and the learning-rate schedule of a run (both carry across EM iterations and are
 checkpointed); `MStep.train` makes seeded passes over a buffer, packed into micro-batches, one optimiser step per
-`samples_per_step` samples. `recompute_logprobs` and `behaviour_gap` compare the training forward with the sampler.
+`samples_per_step` samples. `recompute_logprobs` and `behaviour_gap` compare the training forward with the sampler,
+on a seeded sample of the buffer (`gap_probe`) unless the ratio's old log-probs are recomputed for all of it.
 With a `Dist` (FSDP2) every rank trains its share of each step, and a step equals the single-process step.
 
 It does not sample, sync weights into a separate inference copy (in one process the sampler reads this very module;
@@ -56,10 +57,14 @@ class MStepConfig:
                                             "forward of compute, a fraction of the activation memory)")
     behaviour: str = option("sampler", "old_logp of the ratio: sampler (behaviour log-probs) | recompute (training "
                           "forward before the first update)")
+    behaviour_gap_samples: int = option(16, "samples (a seeded draw of those whose context the sampler saw) that "
+                                        "the training forward recomputes to measure mstep/behaviour_gap_*, rather "
+                                        "than a whole extra forward of the buffer; 0 = none (with behaviour "
+                                        "recompute every sample is recomputed anyway)")
 
     def __post_init__(self) -> None:
         for name, minimum in (("epochs", 1), ("warmup_steps", 0), ("samples_per_step", 1),
-                              ("micro_batch_tokens", 2)):
+                              ("micro_batch_tokens", 2), ("behaviour_gap_samples", 0)):
             check_int(self, name, minimum)
         if not self.lr >= 0:  # 0 is allowed: a step that changes nothing (ratio checks)
             raise ValueError(f"MStepConfig.lr must be >= 0, got {self.lr}")
@@ -151,6 +156,14 @@ def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperatur
     return out
 
 
+def gap_probe(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
+    """Up to `n` of the samples whose context the sampler saw unchanged (the ones `behaviour_gap` can use), drawn
+    with `seed` (every rank draws the same), in buffer order."""
+    candidates = [i for i, s in enumerate(samples) if not s.off_context]
+    drawn = random.Random(f"mstep-gap/{seed}").sample(candidates, min(n, len(candidates)))
+    return [samples[i] for i in sorted(drawn)]
+
+
 def behaviour_gap(samples: Sequence[Sample], recomputed: Sequence[Sequence[float]]) -> dict[str, float]:
     """Largest and mean |sampler - training forward| log-prob gap over trained tokens of samples whose context the
     sampler saw unchanged (a forced prefix cut out of a sample changes its context on purpose); nan when there are
@@ -202,11 +215,12 @@ class MStep:
         metrics: dict[str, float] = {"mstep/steps": 0, "mstep/skipped": 0, "mstep/samples": len(samples)}
         if not samples:
             return metrics
-        recomputed = recompute_logprobs(self.model, samples, temperature=loss.temperature,
-                                        micro_batch_tokens=cfg.micro_batch_tokens, dist=self.dist)
-        metrics.update(behaviour_gap(samples, recomputed))
         # "recompute": ratio 1 at the first step (PPO's usual choice); "sampler": forced-prefix samples are truly
-        # off-policy.
+        # off-policy, and only a sample of the buffer is recomputed, to watch the sampler-vs-training gap.
+        probed = samples if cfg.behaviour == "recompute" else gap_probe(samples, cfg.behaviour_gap_samples, seed)
+        recomputed = recompute_logprobs(self.model, probed, temperature=loss.temperature,
+                                        micro_batch_tokens=cfg.micro_batch_tokens, dist=self.dist) if probed else []
+        metrics.update(behaviour_gap(probed, recomputed))
         old = recomputed if cfg.behaviour == "recompute" else [s.behaviour_logprobs for s in samples]
         self.model.train()
         sums: dict[str, float] = {}
