@@ -4,6 +4,7 @@ guard, tool tokens kept out of the loss, recomputed log-probs, and the optimiser
 import copy
 import math
 import random
+import sys
 from dataclasses import replace
 
 import pytest
@@ -161,6 +162,24 @@ def test_only_a_seeded_sample_of_the_buffer_is_recomputed_for_the_gap(model, mon
     MStep(model, MStepConfig(lr=0.0, epochs=1, behaviour="recompute", behaviour_gap_samples=0),
           total_steps=1).train(samples, LOSS)
     assert [len(p) for p in seen] == [len(samples)]  # the ratio's old log-probs: every sample
+
+
+def test_a_step_brings_its_metrics_to_the_host_once(model, monkeypatch):
+    """Loss, tokens, loss metrics and the gradient norm cross to the host in one transfer per optimiser step (on a
+    GPU: one sync), however many micro-batches the step has."""
+    reads, packs = [], []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == mstep.__file__:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_loss = mstep._loss
+    monkeypatch.setattr(mstep, "_loss", lambda *a, **k: packs.append(1) or real_loss(*a, **k))
+    config = MStepConfig(lr=1e-3, epochs=1, samples_per_step=3, micro_batch_tokens=40, behaviour_gap_samples=0)
+    metrics = MStep(model, config, total_steps=2).train(_samples(), LOSS)
+    assert metrics["mstep/steps"] == 2 and len(packs) > 2  # several micro-batches per step
+    assert reads == ["tolist", "tolist"]
 
 
 def test_recompute_behaviour_starts_at_ratio_one(model):

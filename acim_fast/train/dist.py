@@ -41,9 +41,14 @@ class Dist:
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over ranks (fp64 on the CPU with gloo, on the device with nccl)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        torch_dist.all_reduce(t)
-        return t.tolist()
+        return self.sum_tensor(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sums over ranks of `t`, reduced where the backend works (the device with nccl, the CPU with
+        gloo) and returned on `t`'s device: no host sync on a GPU."""
+        work = t.to(self.device if self.device.type == "cuda" else "cpu", copy=True)
+        torch_dist.all_reduce(work)
+        return work.to(t.device)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (pickled; for results, not tensors in bulk)."""

@@ -253,27 +253,25 @@ class MStep:
         self.optimizer.zero_grad(set_to_none=True)
         if normalizer == 0:
             return None
-        total, weighted, tokens = 0.0, {}, 0.0
+        # The loss, the tokens and the token-weighted loss metrics stay on the device: one host sync per step.
+        sums, names = None, None
         # FSDP averages gradients over ranks; each rank's loss is already a share of the global sum.
         scale = self.dist.world if self.dist is not None else 1
         for _, p in _packs(rows, self.cfg.micro_batch_tokens, self.dist):
             out = _loss(self.model, p, loss, normalizer, self.cfg.activation_checkpointing)
             (out.loss * scale).backward()
-            total += out.loss.item()
-            n = float(p.values["loss_mask"].sum())
-            tokens += n
-            for k, v in out.metrics.items():
-                if k != "num_valid_tokens":
-                    weighted[k] = weighted.get(k, 0.0) + float(v) * n
-        if self.dist is not None:  # metrics summed over ranks
-            names = sorted(weighted)
-            total, tokens, *sums = self.dist.sum([total, tokens] + [weighted[k] for k in names])
-            weighted = dict(zip(names, sums))
+            n = p.values["loss_mask"].sum().to(out.loss.device, torch.float64)
+            names = names or sorted(k for k in out.metrics if k != "num_valid_tokens")
+            part = torch.stack([out.loss.detach().double(), n, *(out.metrics[k].detach().double() * n for k in names)])
+            sums = part if sums is None else sums + part
+        if self.dist is not None:  # summed over ranks
+            sums = self.dist.sum_tensor(sums)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
         if isinstance(norm, DTensor):  # sharded gradients: the norm of the whole
             norm = norm.full_tensor()
-        if not (math.isfinite(total) and math.isfinite(float(norm))):  # skipped: the schedule does not advance
+        total, tokens, *weighted, norm_value = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # the sync
+        if not (math.isfinite(total) and math.isfinite(norm_value)):  # skipped: the schedule does not advance
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.cfg.grad_clip:
@@ -281,7 +279,7 @@ class MStep:
         self.optimizer.step()
         self.scheduler.step()
         self.steps += 1
-        metrics = {f"mstep/{k}": v / max(tokens, 1.0) for k, v in weighted.items()}
-        metrics.update({"mstep/loss": total, "mstep/grad_norm": float(norm),
+        metrics = {f"mstep/{k}": v / max(tokens, 1.0) for k, v in zip(names, weighted)}
+        metrics.update({"mstep/loss": total, "mstep/grad_norm": norm_value,
                         "mstep/clip_frac": metrics["mstep/clip_frac_low"] + metrics["mstep/clip_frac_high"]})
         return metrics
