@@ -229,7 +229,9 @@ class Engine(EngineBase):
             logits = self.model.logits(hidden[rows])
             seqs = [s for _, s in samplers]
             tokens, logprobs, behaviour = self._sample(logits, seqs)
-        return list(zip(seqs, tokens.tolist(), logprobs.tolist(), behaviour.tolist()))
+            # One transfer to the host per step (fp64 holds every token id exactly).
+            host = torch.stack([tokens.double(), logprobs.double(), behaviour.double()]).tolist()
+        return [(seq, int(t), lp, b) for seq, t, lp, b in zip(seqs, *host)]
 
     def _postprocess(self, sampled: list[tuple[_Seq, int, float, float]]) -> list[SeqOutput]:
         """Append each sampled token to its sequence and decide its stop; the sequences that finished or paused."""
@@ -369,8 +371,8 @@ class Engine(EngineBase):
         params = [s.params for s in seqs]
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         # Greedy rows draw nothing, so a sequence's random stream does not depend on its neighbours' settings.
-        uniforms = torch.tensor([0.0 if p.temperature == 0 else torch.rand((), generator=s.generator).item()
-                                 for p, s in zip(params, seqs)], device=dev)
+        uniforms = torch.stack([torch.zeros(()) if p.temperature == 0 else torch.rand((), generator=s.generator)
+                                for p, s in zip(params, seqs)]).to(dev)  # CPU generators: no device sync per row
         forbid = None
         if any(s.forbid or s.params.banned_token_ids for s in seqs):
             forbid = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
