@@ -111,6 +111,58 @@ def test_a_step_does_not_depend_on_its_micro_batches_or_activation_checkpointing
             torch.testing.assert_close(grads[k], grad, rtol=1e-5, atol=1e-8)
 
 
+def _tree_samples(problems=3, rollouts=3, seed=2):
+    """Rollouts sharing their problem's prompt, each with a forked sibling sharing its response up to the fork (tool
+    output, loss mask 0, included), plus an identical pair and a rollout that is a prefix of another."""
+    rng = random.Random(seed)
+    base = _samples(problems * rollouts, seed=seed)
+    out = []
+    for i, s in enumerate(base):
+        prompt = base[i // rollouts * rollouts].prompt_ids  # the problem's
+        s = replace(s, problem=i // rollouts, prompt_ids=prompt)
+        fork = rng.randint(1, len(s.response_ids) - 1)
+        tail = [rng.randrange(3, 90) for _ in range(rng.randint(1, 5))]
+        sibling = replace(s, response_ids=s.response_ids[:fork] + tail,
+                          behaviour_logprobs=s.behaviour_logprobs[:fork] + [-4.0] * len(tail),
+                          loss_mask=s.loss_mask[:fork] + [1] * len(tail),
+                          decision_mask=s.decision_mask[:fork] + [0] * len(tail), advantage=-s.advantage)
+        out += [s, sibling]
+    s = out[0]
+    out += [s, replace(s, response_ids=s.response_ids[:2], behaviour_logprobs=s.behaviour_logprobs[:2],
+                       loss_mask=s.loss_mask[:2], decision_mask=s.decision_mask[:2])]
+    return out
+
+
+def test_tree_pack_step_equals_the_flat_step(model):
+    samples = _tree_samples()
+    rows = mstep._rows(samples, [s.behaviour_logprobs for s in samples])
+    ((_, p),) = mstep._packs(rows, 10_000, None)
+    assert len(mstep.tree(p).input_ids) < 0.6 * len(p.input_ids)  # shared prompts and forks stored once
+    longest = max(len(s.ids) for s in samples) - 1
+    results = []
+    for tokens, tree_pack, checkpointed in ((10_000, False, False), (10_000, True, False), (longest, True, False),
+                                            (10_000, True, True)):
+        m = copy.deepcopy(model)
+        trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=len(samples), micro_batch_tokens=tokens,
+                                       warmup_steps=0, grad_clip=0.0, activation_checkpointing=checkpointed,
+                                       tree_pack=tree_pack, behaviour="recompute"), total_steps=1)
+        grads = {}
+        trainer.optimizer.register_step_pre_hook(
+            lambda *_: grads.update({k: p.grad.clone() for k, p in m.named_parameters()}))
+        metrics = trainer.train(samples, LOSS)
+        logps = recompute_logprobs(m, samples, micro_batch_tokens=tokens, tree_pack=tree_pack)
+        results.append((metrics, grads, logps))
+    flat_metrics, flat_grads, flat_logps = results[0]
+    for metrics, grads, logps in results[1:]:
+        assert metrics.keys() == flat_metrics.keys()
+        for k, v in flat_metrics.items():
+            assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+        for k, grad in flat_grads.items():
+            torch.testing.assert_close(grads[k], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
+        for a, b in zip(logps, flat_logps):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_non_finite_step_is_skipped_and_counted(model):
     samples = _samples(4)
     bad = replace(samples[0], advantage=float("nan"))

@@ -379,6 +379,27 @@ def varlen_attention(bounds: list[int], *, scale: float, path: str | None = None
     return attend
 
 
+def masked_attention(mask: torch.Tensor, bounds: list[int], *, scale: float, loop: bool
+                     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Attention of q, k, v `[N, H(kv), D]` under an explicit boolean mask `[N, N]` (row i attends to column j iff
+    True; every row attends to something, e.g. itself) that is False outside the diagonal blocks `[bounds[i],
+    bounds[i+1])`: the tree mask of `acim_fast.train.packing.TreePack`, whose blocks are its independent subtrees.
+    One SDPA call per layer with the whole mask, or (`loop`, the CPU's choice as in `varlen_attention`) one per
+    block with its diagonal block of the mask."""
+    blocks = [(a, b, mask[a:b, a:b]) for a, b in zip(bounds, bounds[1:])] if loop else [(0, bounds[-1], mask)]
+    if loop:  # a block that is one sequence (a chain) is plain causal attention: SDPA's is_causal, without the mask
+        blocks = [(a, b, None if torch.equal(m, torch.ones_like(m).tril()) else m) for a, b, m in blocks]
+
+    def attend(q, k, v):
+        outs = [F.scaled_dot_product_attention(_heads_first(q[a:b]), _heads_first(k[a:b]), _heads_first(v[a:b]),
+                                               attn_mask=m, is_causal=m is None, scale=scale,
+                                               enable_gqa=True)[0].transpose(0, 1)
+                for a, b, m in blocks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    return attend
+
+
 def default_varlen_path(device: torch.device, dtype: torch.dtype) -> str:
     """The `varlen_attention` path for q on `device` in `dtype` (see there)."""
     if device.type != "cuda":
@@ -439,7 +460,7 @@ class CausalLM(nn.Module):
 
     def forward_hidden(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | list[int] | None = None,
                        position_ids: torch.Tensor | None = None, checkpoint_layers: bool = False,
-                       varlen_path: str | None = None) -> torch.Tensor:
+                       varlen_path: str | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Dense/varlen path: final hidden states `[N, H]` of packed sequences, causal within each.
 
         cu_seqlens [B+1] (starts of each sequence, last = N; default: one sequence); position_ids [N] (default:
@@ -447,10 +468,14 @@ class CausalLM(nn.Module):
         checkpointing per decoder block while autograd records: backward keeps one `[N, H]` input per block instead
         of every intermediate (attention projections, the MLP's `[N, I]` tensors) and recomputes each block once;
         values and gradients are unchanged. varlen_path: the attention path (`varlen_attention`; default by device
-        and dtype).
+        and dtype). attention_mask [N, N] bool (with position_ids; cu_seqlens then bound the blocks outside which it is
+        False): an explicit mask instead of causal, e.g. a tree of shared prefixes (`masked_attention`; per block on
+        the "loop" path, one call otherwise).
         """
         self._check_ids(input_ids)
         n = input_ids.shape[0]
+        if attention_mask is not None and position_ids is None:
+            raise ValueError("attention_mask needs position_ids")
         # Boundaries are read on the host once (pass them on the CPU: a device tensor costs one sync here).
         bounds = [0, n] if cu_seqlens is None else torch.as_tensor(cu_seqlens).tolist()
         if bounds[0] != 0 or bounds[-1] != n or any(a >= b for a, b in zip(bounds, bounds[1:])):
@@ -459,7 +484,14 @@ class CausalLM(nn.Module):
             position_ids = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])]).to(input_ids.device)
         elif position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {(n,)}")
-        attend = varlen_attention(bounds, scale=self.config.head_dim ** -0.5, path=varlen_path)
+        if attention_mask is not None:
+            if attention_mask.shape != (n, n) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"attention_mask must be bool [{n}, {n}], got {attention_mask.dtype} "
+                                 f"{tuple(attention_mask.shape)}")
+            attend = masked_attention(attention_mask, bounds, scale=self.config.head_dim ** -0.5,
+                                      loop=(varlen_path or default_varlen_path(input_ids.device, self.dtype)) == "loop")
+        else:
+            attend = varlen_attention(bounds, scale=self.config.head_dim ** -0.5, path=varlen_path)
         return self._run(input_ids, position_ids, lambda _: attend, checkpoint_layers)
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | list[int] | None = None,

@@ -32,7 +32,7 @@ from acim_fast.engine.model import CausalLM
 from acim_fast.train.dist import Dist
 from acim_fast.train.estep import Sample
 from acim_fast.train.optim import adamw, lr_factor
-from acim_fast.train.packing import Pack, Row, pack, plan
+from acim_fast.train.packing import Pack, Row, pack, plan, tree
 from acim_kernels import LossConfig, policy_loss
 
 BEHAVIOURS = ("sampler", "recompute")
@@ -61,6 +61,10 @@ class MStepConfig:
                                         "the training forward recomputes to measure mstep/behaviour_gap_*, rather "
                                         "than a whole extra forward of the buffer; 0 = none (with behaviour "
                                         "recompute every sample is recomputed anyway)")
+    tree_pack: bool = option(False, "compute each micro-batch's shared prefixes (a problem's prompt, forked "
+                             "siblings' response up to the fork) once: the forward runs over the trie of its "
+                             "sequences under a tree attention mask, equal to the flat forward to within rounding; "
+                             "micro-batches are still cut by flat tokens")
 
     def __post_init__(self) -> None:
         for name, minimum in (("epochs", 1), ("warmup_steps", 0), ("samples_per_step", 1),
@@ -76,6 +80,8 @@ class MStepConfig:
         for name in ("weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"MStepConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.tree_pack, bool):
+            raise ValueError(f"MStepConfig.tree_pack must be a bool, got {self.tree_pack!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"MStepConfig.activation_checkpointing must be a bool, "
                              f"got {self.activation_checkpointing!r}")
@@ -124,9 +130,18 @@ def _packs(rows: list[Row], micro_batch_tokens: int, dist: Dist | None) -> list[
     return mine + [([], empty)] * (max(counts) - len(mine))
 
 
-def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpoint_layers: bool = False):
-    hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens,
-                                  checkpoint_layers=checkpoint_layers)
+def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpoint_layers: bool = False,
+          tree_pack: bool = False):
+    if tree_pack:  # shared prefixes once, then every row gathers its node's hidden state: the flat rows again
+        t = tree(p)
+        device = model.device
+        nodes = model.forward_hidden(t.input_ids.to(device), cu_seqlens=t.blocks(),
+                                     position_ids=t.position_ids.to(device), attention_mask=t.attention_mask(device),
+                                     checkpoint_layers=checkpoint_layers)
+        hidden = nodes.index_select(0, t.index.to(device))
+    else:
+        hidden = model.forward_hidden(p.input_ids.to(model.device), cu_seqlens=p.cu_seqlens,
+                                      checkpoint_layers=checkpoint_layers)
     v = {k: t.to(model.device) for k, t in p.values.items()}
     return policy_loss(hidden, model.lm_head_weight, p.targets.to(model.device), old_logp=v["old_logp"],
                        advantages=v["advantage"], loss_mask=v["loss_mask"], sft_mask=v["decision"],
@@ -135,7 +150,8 @@ def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpo
 
 @torch.no_grad()
 def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperature: float = 1.0,
-                       micro_batch_tokens: int = 8192, dist: Dist | None = None) -> list[list[float]]:
+                       micro_batch_tokens: int = 8192, dist: Dist | None = None,
+                       tree_pack: bool = False) -> list[list[float]]:
     """Each sample's response log-probs under the training forward (fp32), at `temperature`; 0.0 on tokens outside the
     loss mask, as in the sampler's behaviour log-probs."""
     _check(samples, micro_batch_tokens)
@@ -144,7 +160,7 @@ def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperatur
     model.eval()
     config = LossConfig(temperature=temperature)
     for rows, p in _packs(_rows(samples, [s.behaviour_logprobs for s in samples]), micro_batch_tokens, dist):
-        logp = _loss(model, p, config, 1.0).logp.cpu()
+        logp = _loss(model, p, config, 1.0, tree_pack=tree_pack).logp.cpu()
         for j, row in enumerate(rows):
             s = samples[row]
             # Rows of a sequence end at cu_seqlens[j + 1]; its response tokens are the last len(response) targets.
@@ -219,7 +235,8 @@ class MStep:
         # off-policy, and only a sample of the buffer is recomputed, to watch the sampler-vs-training gap.
         probed = samples if cfg.behaviour == "recompute" else gap_probe(samples, cfg.behaviour_gap_samples, seed)
         recomputed = recompute_logprobs(self.model, probed, temperature=loss.temperature,
-                                        micro_batch_tokens=cfg.micro_batch_tokens, dist=self.dist) if probed else []
+                                        micro_batch_tokens=cfg.micro_batch_tokens, dist=self.dist,
+                                        tree_pack=cfg.tree_pack) if probed else []
         metrics.update(behaviour_gap(probed, recomputed))
         old = recomputed if cfg.behaviour == "recompute" else [s.behaviour_logprobs for s in samples]
         self.model.train()
@@ -258,7 +275,7 @@ class MStep:
         # FSDP averages gradients over ranks; each rank's loss is already a share of the global sum.
         scale = self.dist.world if self.dist is not None else 1
         for _, p in _packs(rows, self.cfg.micro_batch_tokens, self.dist):
-            out = _loss(self.model, p, loss, normalizer, self.cfg.activation_checkpointing)
+            out = _loss(self.model, p, loss, normalizer, self.cfg.activation_checkpointing, self.cfg.tree_pack)
             (out.loss * scale).backward()
             n = p.values["loss_mask"].sum().to(out.loss.device, torch.float64)
             names = names or sorted(k for k in out.metrics if k != "num_valid_tokens")
