@@ -116,9 +116,27 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
     if triton is not None else {}
 
 
+def _tiles(cache_dtype: torch.dtype, block_d: int, group: int, decode: bool) -> tuple[int, int, int]:
+    """(block_m, block_n, num_warps) for a launch: rows (queries x heads) per program, keys per K/V tile, warps.
+
+    tl.dot needs >= 16 rows; decode-only batches gain nothing from taller tiles, prefill does (each K/V tile is
+    loaded once for all its rows), and tall tiles get 8 warps. fp32 caches take fp32 dots, which run on the FMA
+    units with operands and products in registers: with 64-key tiles and 4 warps they spilled up to 32 KB per
+    thread at head_dim 128, so their K/V tiles narrow with the head. The widths are the widest that
+    `compile_check` found spill-free on sm_80 and sm_90 for every driven head_dim and GQA group (ptxas is not
+    monotonic in them: 32 keys spill 16 B at head_dim 64, group 6, sm_90). Keyed on the cache dtype, not the dot
+    dtype, so that the interpreter (fp32 dots throughout) takes the tiles a GPU takes.
+    """
+    block_m = max(16 if decode else 64, triton.next_power_of_2(group))
+    num_warps = 8 if block_m >= 64 else 4
+    if cache_dtype != torch.float32:
+        return block_m, 64, num_warps
+    return block_m, 64 if block_d <= 32 else 32 if decode else 16, num_warps
+
+
 def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
-                            block_m=None, block_n=64):
-    """Launch the kernel. Inputs are already checked; block_m/block_n are exposed for tests only."""
+                            block_m=None, block_n=None):
+    """Launch the kernel. Inputs are already checked; block_m/block_n override `_tiles` (for tests)."""
     assert triton is not None
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -127,9 +145,9 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    if block_m is None:
-        # tl.dot needs >= 16 rows. Decode-only batches (T <= B) gain nothing from taller tiles; prefill does.
-        block_m = max(16 if num_tokens <= num_seqs else 64, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tile_m, tile_n, num_warps = _tiles(k_cache.dtype, block_d, group, decode=num_tokens <= num_seqs)
+    block_m, block_n = block_m or tile_m, block_n or tile_n
     block_q = block_m // group
     assert block_q >= 1 and block_n >= 16, (block_m, block_n, group)
     # Upper bound on query blocks without reading query_start_loc on the host (see _find_seq).
@@ -143,8 +161,9 @@ def _paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_s
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * math.log2(math.e), num_seqs, block_size,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=num_warps,
     )
     return out
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import acim_kernels.paged_attention_ref as ref_module
-from acim_kernels.paged_attention import _paged_attention_triton, paged_attention
+from acim_kernels.paged_attention import _paged_attention_triton, _tiles, paged_attention
 from acim_kernels.paged_attention_ref import paged_attention_ref
 
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -126,6 +126,39 @@ def test_triton_matches_reference_fp32(num_q_heads, num_kv_heads, head_dim, bloc
     # block_n=16 walks the 37-token sequence in three K/V tiles; block_m=16 splits the 13-token prefill.
     out = _paged_attention_triton(*_on(args, TRITON_DEVICE), 0.3, block_m=16, block_n=16)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+# Every tile choice of `_tiles` (block_m, block_n, num_warps), through the public API so that the dispatcher picks
+# it: fp32 caches' three K/V tile widths, 16-bit caches' one, decode and prefill rows. Decode: 70 keys cross several
+# K/V tiles of every width. Prefill (group 2, 32 queries per 64-row block): a 70-token prompt spans three query
+# blocks, a chunk of 7 is appended to 33 cached tokens, and one sequence decodes in the same batch.
+DECODE = [(45, 1), (70, 1), (3, 1)]
+PREFILL = [(70, 70), (40, 7), (9, 1)]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype,head_dim,phase,tiles", [
+    (torch.float32, 24, "decode", (16, 64, 4)),    # head_dim padded to 32: 64-key tiles
+    (torch.float32, 24, "prefill", (64, 64, 8)),
+    (torch.float32, 128, "decode", (16, 32, 4)),
+    (torch.float32, 64, "prefill", (64, 16, 8)),
+    (torch.float32, 128, "prefill", (64, 16, 8)),
+    (torch.bfloat16, 64, "decode", (16, 64, 4)),
+    (torch.bfloat16, 128, "prefill", (64, 64, 8)),
+])
+def test_triton_tiles_the_dispatcher_picks_match_reference(dtype, head_dim, phase, tiles):
+    import triton
+
+    specs = DECODE if phase == "decode" else PREFILL
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    assert _tiles(dtype, block_d, 2, decode=phase == "decode") == tiles
+    args, _ = _make_case(specs, 4, 2, head_dim, 16, dtype=dtype, seed=4)
+    scale = head_dim ** -0.5
+    out = paged_attention(*_on(args, TRITON_DEVICE), scale=scale, impl="triton")
+    assert out.dtype == dtype
+    # The reference computes in fp32 from the same (possibly bf16) inputs: the two differ by output rounding only.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu().float(), paged_attention_ref(*args, scale=scale).float(), rtol=tol, atol=tol)
 
 
 @requires_triton
