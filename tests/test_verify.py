@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from acim_fast.reward.extract import extract_answer
-from acim_fast.reward.verifier import Verdict, VerifierPool, verify_answer, verify_batch
+from acim_fast.reward.verifier import MAX_ANSWER_CHARS, Verdict, VerifierPool, verify_answer, verify_batch
 
 DATA = Path(__file__).resolve().parents[1] / "acim_fast" / "benchmarks"  # the bundled benchmarks
 TIMEOUT = 3.0  # per math-verify check in these tests; a normal check takes ~5 ms
@@ -521,8 +521,21 @@ def test_degenerate_responses_take_linear_time(tmp_path, size):
 
 
 @pytest.mark.slow
+def test_answers_too_long_for_any_gold_skip_math_verify(pool):
+    """Past MAX_ANSWER_CHARS an answer the quick rules cannot decide is wrong at once, in the trainer's process: no
+    worker spends its timeout on it. A long answer equal to its gold is still correct (the quick rules run first)."""
+    long_sum = "x+" * MAX_ANSWER_CHARS + "1"
+    start = time.monotonic()
+    verdicts = pool.verify_batch([(rf"\boxed{{{long_sum}}}", "5"), (rf"\boxed{{{long_sum}}}", long_sum),
+                                  (rf"\boxed{{{'x+' * 100}1}}", "5")], timeout=5.0)
+    assert [(v.reward, v.reason) for v in verdicts] == [(0.0, "too_long"), (1.0, "correct"), (0.0, "wrong")]
+    assert verdicts[0].predicted == long_sum
+    assert time.monotonic() - start < 5.0  # no worker timed out on the long one
+
+
 def test_degenerate_responses_get_a_reward_within_the_timeout(pool):
-    """The whole path, workers included: megabyte answers reach math-verify, which the timeout bounds."""
+    """The whole path, workers included: megabyte answers get a reward within the timeout, the ones the quick rules
+    cannot decide without a worker (MAX_ANSWER_CHARS)."""
     n = 1_000_000
     responses = [
         "####" + " " * n,

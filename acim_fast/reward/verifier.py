@@ -32,13 +32,17 @@ except ImportError:  # imported as part of the package
 DEFAULT_TIMEOUT = 5.0  # seconds per math-verify check; typical checks take ~5 ms
 STARTUP_TIMEOUT = 60.0  # a worker must import sympy + math-verify within this, even on a loaded machine
 MEMORY_LIMIT_MB = 4096  # address-space cap per worker: a runaway sympy power must not take the host down
+# Longer answers that the quick rules cannot decide are wrong without math-verify: the benchmarks' longest gold
+# answer has 53 characters, and a megabyte of degenerate LaTeX would cost a worker its whole timeout and a restart.
+MAX_ANSWER_CHARS = 4096
 
 
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one check. `reward` is 1.0 iff `reason == "correct"`; `predicted` is the
-    extracted answer (None when there was none). Reasons: "correct", "wrong", "no_answer", "timeout",
-    "parse_error: ...", "worker_error: ...", "internal_error: ..."."""
+    extracted answer (None when there was none). Reasons: "correct", "wrong", "no_answer", "too_long" (over
+    MAX_ANSWER_CHARS and not equal to the gold by the quick rules), "timeout", "parse_error: ...",
+    "worker_error: ...", "internal_error: ..."."""
 
     reward: float
     predicted: str | None
@@ -347,6 +351,8 @@ class VerifierPool:
                     verdicts[index] = Verdict(0.0, None, "no_answer")
                 elif (reason := _quick_reason(pred, gold)) is not None:
                     verdicts[index] = _verdict(pred, reason)
+                elif len(pred) > MAX_ANSWER_CHARS:
+                    verdicts[index] = Verdict(0.0, pred, "too_long")
                 else:
                     tasks.append((index, pred, gold))
             except Exception as e:  # a bug here must cost one reward, not the training run
