@@ -361,17 +361,10 @@ def varlen_attention(bounds: list[int], *, scale: float, path: str | None = None
             seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(q.device)
             pos = torch.arange(bounds[-1], device=q.device)
             cache["mask"] = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
-        o = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v),
-                                           attn_mask=cache["mask"], scale=scale, enable_gqa=True)
-        return o[0].transpose(0, 1)
+        return _attend_blocks(q, k, v, [(0, bounds[-1], cache["mask"])], scale)
 
-    def loop(q, k, v):
-        outs = [F.scaled_dot_product_attention(_heads_first(q[a:b]), _heads_first(k[a:b]), _heads_first(v[a:b]),
-                                               is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-                for a, b in zip(bounds, bounds[1:])]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    paths = {"flash": flash, "masked": masked, "loop": loop}
+    causal_blocks = [(a, b, None) for a, b in zip(bounds, bounds[1:])]
+    paths = {"flash": flash, "masked": masked, "loop": lambda q, k, v: _attend_blocks(q, k, v, causal_blocks, scale)}
 
     def attend(q, k, v):
         return paths[path or default_varlen_path(q.device, q.dtype)](q, k, v)
@@ -390,14 +383,7 @@ def masked_attention(mask: torch.Tensor, bounds: list[int], *, scale: float, loo
     if loop:  # a block that is one sequence (a chain) is plain causal attention: SDPA's is_causal, without the mask
         blocks = [(a, b, None if torch.equal(m, torch.ones_like(m).tril()) else m) for a, b, m in blocks]
 
-    def attend(q, k, v):
-        outs = [F.scaled_dot_product_attention(_heads_first(q[a:b]), _heads_first(k[a:b]), _heads_first(v[a:b]),
-                                               attn_mask=m, is_causal=m is None, scale=scale,
-                                               enable_gqa=True)[0].transpose(0, 1)
-                for a, b, m in blocks]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    return attend
+    return lambda q, k, v: _attend_blocks(q, k, v, blocks, scale)
 
 
 def default_varlen_path(device: torch.device, dtype: torch.dtype) -> str:
@@ -405,6 +391,17 @@ def default_varlen_path(device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cuda":
         return "loop"
     return "flash" if dtype in (torch.bfloat16, torch.float16) else "masked"
+
+
+def _attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   blocks: list[tuple[int, int, torch.Tensor | None]], scale: float) -> torch.Tensor:
+    """One SDPA call per block `(start, end, mask)` of q, k, v `[N, H(kv), D]` (GQA without repeating K/V): under
+    `mask`, or causal where it is None; the blocks' outputs in order."""
+    outs = [F.scaled_dot_product_attention(_heads_first(q[a:b]), _heads_first(k[a:b]), _heads_first(v[a:b]),
+                                           attn_mask=m, is_causal=m is None, scale=scale,
+                                           enable_gqa=True)[0].transpose(0, 1)
+            for a, b, m in blocks]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
