@@ -3,6 +3,7 @@ preemption."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
@@ -218,6 +219,63 @@ def test_banned_ids_are_never_sampled_and_logprobs_stay_honest(model):
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(o.behaviour_logprobs), rows.log_softmax(-1).gather(1, toks)[:, 0],
                                    atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def padded_model(model):
+    """`model` with its last rows made a vocabulary's padding that the untrained model loves: logits far above the
+    rest, as an unconstrained sampler would draw (and a tool call would then feed back as text that does not exist)."""
+    padded = copy.deepcopy(model)
+    with torch.no_grad():
+        padded.lm_head_weight[PADDED_FROM:] = padded.lm_head_weight[PADDED_FROM:] * 4 + padded.lm_head_weight.mean(0)
+    return padded
+
+
+PADDED_FROM = 90  # the toy tokenizer's size: ids 90..100 are padding rows
+
+
+def test_padding_ids_are_never_sampled_and_behaviour_logprobs_cover_every_row(padded_model):
+    prompts = _prompts([5, 11, 8, 3], seed=14)
+    params = SamplingParams(temperature=1.5, max_new_tokens=40, seed=22)
+    unlimited = Engine(padded_model, num_blocks=64, block_size=8).generate(prompts, params)
+    assert sum(t >= PADDED_FROM for o in unlimited for t in o.token_ids) >= 20  # the limit has something to remove
+    engine = Engine(padded_model, num_blocks=64, block_size=8, sample_vocab_size=PADDED_FROM)
+    sids = [engine.add(p, params) for p in prompts]
+    engine.step()
+    engine.pause(sids[0])
+    children = engine.fork(sids[0], 2, forbid=[3])  # a fork's own path through the sampler: the limit holds there too
+    outs = {sids[0]: engine.output(sids[0]), **_run(engine)}
+    engine.release(sids[0])
+    assert set(outs) == {*sids, *children}
+    for o in outs.values():
+        assert o.token_ids and max(o.token_ids) < PADDED_FROM
+        rows = _dense_logits(padded_model, o.prompt_ids + o.token_ids)[len(o.prompt_ids) - 1:-1]
+        toks = torch.tensor(o.token_ids)[:, None]
+        # Behaviour log-probs: the raw distribution over all 101 rows, which the M-step recomputes.
+        torch.testing.assert_close(torch.tensor(o.behaviour_logprobs), rows.log_softmax(-1).gather(1, toks)[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+    plain = outs[sids[1]]  # no fork: sampling log-probs are under the distribution over the first 90 ids
+    rows = _dense_logits(padded_model, plain.prompt_ids + plain.token_ids)[len(plain.prompt_ids) - 1:-1]
+    torch.testing.assert_close(torch.tensor(plain.logprobs),
+                               (rows[:, :PADDED_FROM] / 1.5).log_softmax(-1).gather(
+                                   1, torch.tensor(plain.token_ids)[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    greedy = Engine(padded_model, num_blocks=64, block_size=8, sample_vocab_size=PADDED_FROM).generate(
+        prompts[:1], SamplingParams(temperature=0, max_new_tokens=8))[0]
+    logits = _dense_logits(padded_model, greedy.prompt_ids + greedy.token_ids)[len(greedy.prompt_ids) - 1:-1]
+    assert greedy.token_ids == logits[:, :PADDED_FROM].argmax(-1).tolist()
+
+
+def test_sample_vocab_size_is_checked(model):
+    for bad in (0, VOCAB + 1, 2.0, True):
+        with pytest.raises(ValueError, match="sample_vocab_size must be None or an int in"):
+            Engine(model, num_blocks=8, block_size=4, sample_vocab_size=bad)
+    engine = Engine(model, num_blocks=8, block_size=4, sample_vocab_size=PADDED_FROM)
+    # Banning every id below the limit bans everything samplable, though ids past it stay unbanned.
+    with pytest.raises(ValueError, match="bans all 90 samplable tokens"):
+        engine.add([1], SamplingParams(banned_token_ids=tuple(range(PADDED_FROM)), max_new_tokens=4))
+    sid = engine.add([1, 2], SamplingParams(max_new_tokens=4, banned_token_ids=tuple(range(1, PADDED_FROM))))
+    with pytest.raises(ValueError, match="together bans all 90 samplable tokens"):
+        engine.fork(sid, 1, forbid=[0])
 
 
 def test_greedy_with_a_ban_picks_the_best_allowed_token(model):
@@ -570,7 +628,7 @@ def test_bad_input_raises_value_error(model):
         engine.add([1], SamplingParams(banned_token_ids=(3, VOCAB), max_new_tokens=4))
     with pytest.raises(ValueError, match=r"banned_token_ids holds -2"):
         engine.add([1], SamplingParams(banned_token_ids=(-2,), max_new_tokens=4))
-    with pytest.raises(ValueError, match="bans all 101 tokens"):
+    with pytest.raises(ValueError, match="bans all 101 samplable tokens"):
         engine.add([1], SamplingParams(banned_token_ids=tuple(range(VOCAB)), max_new_tokens=4))
     for bad in ((1.0,), (True,), "12", 5):
         with pytest.raises(ValueError, match="SamplingParams.banned_token_ids"):
@@ -588,7 +646,7 @@ def test_bad_input_raises_value_error(model):
     with pytest.raises(ValueError, match=r"forbid holds 101"):
         engine.fork(sid, 1, forbid=[VOCAB])
     banned_sid = engine.add([1, 2], SamplingParams(max_new_tokens=4, banned_token_ids=tuple(range(1, VOCAB))))
-    with pytest.raises(ValueError, match="together ban all 101 tokens"):
+    with pytest.raises(ValueError, match="together bans all 101 samplable tokens"):
         engine.fork(banned_sid, 1, forbid=[0])
     engine.release(banned_sid)
     with pytest.raises(ValueError, match=r"token_ids holds 200"):

@@ -199,6 +199,30 @@ def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, bac
 
 
 @needs_vllm
+def test_ids_past_sample_vocab_size_are_never_sampled_and_behaviour_covers_every_row(policy, backend):
+    ids, _ = policy.prompt_ids(_problems(1)[0].problem)
+    limit = backend.vocab_size - 12  # as if the last 12 rows were a checkpoint's vocabulary padding
+    # Hot enough that the unlimited sampler draws ids past the limit: the limit has something to remove.
+    params = SamplingParams(temperature=4.0, max_new_tokens=40, seed=3)
+
+    def sampled(**limits):
+        engine = backend.engine(detokenize=policy.decode, **limits)
+        seqs = [engine.add(ids, dataclasses.replace(params, seed=i)) for i in range(8)]
+        while engine.has_unfinished():
+            engine.step()
+        return [engine.output(s) for s in seqs]
+
+    assert max(t for o in sampled() for t in o.token_ids) >= limit
+    outs = sampled(sample_vocab_size=limit)
+    with torch.no_grad():
+        for o in outs:
+            assert max(o.token_ids) < limit
+            logp = policy.model(torch.tensor(o.prompt_ids + o.token_ids)).float().log_softmax(-1)
+            dense = logp[len(o.prompt_ids) - 1:-1].gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(o.behaviour_logprobs), dense, atol=1e-4, rtol=0)
+
+
+@needs_vllm
 def test_estep_and_evaluation_run_through_vllm(policy, backend, sandbox):
     problems = _problems(4, seed=21)
     cfg = EStepConfig(k_code=2, k_prose=2, k_free=2, max_new_tokens=120, buffer_per_problem=4)

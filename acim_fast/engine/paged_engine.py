@@ -39,13 +39,13 @@ class Engine(EngineBase):
 
     def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, detokenize: Callable[[list[int]], str] | None = None,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, sample_vocab_size: int | None = None):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} must be an int >= 1, got {value!r}")
         cfg = model.config
-        super().__init__(cfg.vocab_size, detokenize)
+        super().__init__(cfg.vocab_size, detokenize, sample_vocab_size)
         self.model = model
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -383,7 +383,8 @@ class Engine(EngineBase):
                     forbid[row, list(s.forbid)] = True
         return sample(logits, temperature, torch.tensor([p.top_p for p in params], device=dev),
                       torch.tensor([p.top_k for p in params], device=dev),
-                      torch.tensor([p.train_temperature for p in params], device=dev), uniforms, forbid)
+                      torch.tensor([p.train_temperature for p in params], device=dev), uniforms, forbid,
+                      sample_vocab_size=self.sample_vocab_size)
 
     def _banned_index(self, banned: tuple[int, ...]) -> torch.Tensor:
         """`banned` as an index tensor on the model's device, built once per distinct ban: a BPE vocabulary has

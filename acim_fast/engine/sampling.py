@@ -1,16 +1,20 @@
 """What both engines share: their parameters and outputs, the batched sampler, the stop decision and `EngineBase`.
 
 `sample` draws one token per row by inverse CDF from one uniform each (the row's own seeded generator, so a
-sequence's tokens do not depend on its batch): greedy, temperature, top-k, top-p, minus a `forbid` mask. It returns
-the log-prob under that sampling distribution (0.0 for greedy) and the behaviour log-prob under the raw model
-distribution at `train_temperature`, before any filtering or mask. `stop_reason` decides whether a sequence stops
-after a token; `EngineBase` keeps the live sequences, checks `add`/`fork`/`append` arguments and implements `append`.
+sequence's tokens do not depend on its batch): greedy, temperature, top-k, top-p, minus a `forbid` mask, among the
+first `sample_vocab_size` ids only (a model pads its vocabulary past its tokenizer's: Qwen2.5 has 151,936 rows for
+151,665 tokens, and a padding id has no text to feed back after a tool call). It returns the log-prob under that
+sampling distribution (0.0 for greedy) and the behaviour log-prob under the raw model distribution at
+`train_temperature`, over all rows, before any filtering or mask: the distribution the M-step recomputes.
+`stop_reason` decides whether a sequence stops after a token; `EngineBase` keeps the live sequences, checks
+`add`/`fork`/`append` arguments and implements `append`.
 
 It runs no model, holds no KV cache and schedules nothing: `paged_engine.Engine` and `vllm_backend.VLLMEngine` do.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -172,17 +176,20 @@ def filtered_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: to
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           train_temperature: torch.Tensor, uniforms: torch.Tensor,
-           forbid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           train_temperature: torch.Tensor, uniforms: torch.Tensor, forbid: torch.Tensor | None = None, *,
+           sample_vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row by inverse CDF. Returns (tokens [B] int64, logprobs [B], behaviour_logprobs [B]).
 
-    uniforms [B] in [0, 1) (one per row, from the row's own generator); forbid [B, V] bool or None: ids removed from
-    the sampling distribution (not from the behaviour one, the raw model distribution at train_temperature); a row
-    must keep at least one id.
+    logits [B, V]; uniforms [B] in [0, 1) (one per row, from the row's own generator); only ids below
+    `sample_vocab_size` (None: V) can be drawn; forbid [B, V] bool or None: ids removed from the
+    sampling distribution. Neither restriction touches the behaviour distribution (the raw model distribution over
+    all V at train_temperature); a row must keep at least one id.
     """
     logits = logits.float()
     behaviour = (logits / train_temperature[:, None]).log_softmax(dim=-1)
-    masked = logits if forbid is None else logits.masked_fill(forbid, float("-inf"))
+    masked = logits[:, :sample_vocab_size]
+    if forbid is not None:
+        masked = masked.masked_fill(forbid[:, :sample_vocab_size], float("-inf"))
     logp = filtered_logprobs(masked, temperature, top_p, top_k)
     cdf = logp.exp().cumsum(dim=-1)
     tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
@@ -208,17 +215,22 @@ def check_token_ids(ids: Sequence[int], name: str, vocab_size: int) -> list[int]
 
 
 def check_params(params: SamplingParams, vocab_size: int, detokenize: Callable | None, *,
-                 name: str = "params") -> None:
-    """What an engine checks of `params` that the params cannot check alone: ids against its vocabulary, stop strings
-    against its detokenizer."""
+                 sample_vocab_size: int | None = None, name: str = "params") -> None:
+    """What an engine checks of `params` that the params cannot check alone: ids against its vocabulary (and that
+    the ban leaves one of the first `sample_vocab_size` ids to sample), stop strings against its detokenizer."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"{name} must be a SamplingParams, got {type(params).__name__}")
     check_token_ids(params.stop_token_ids, "stop_token_ids", vocab_size)
     check_token_ids(params.banned_token_ids, "banned_token_ids", vocab_size)
-    if len(params.banned_token_ids) == vocab_size:
-        raise ValueError(f"banned_token_ids bans all {vocab_size} tokens: nothing could be sampled")
+    check_samplable(params.banned_token_ids, sample_vocab_size or vocab_size, "banned_token_ids")
     if params.stop_strings and detokenize is None:
         raise ValueError("SamplingParams.stop_strings needs Engine(detokenize=...)")
+
+
+def check_samplable(banned: Sequence[int], sample_vocab_size: int, what: str) -> None:
+    """ValueError unless some id below `sample_vocab_size` is outside `banned` (sorted, deduplicated ids)."""
+    if bisect.bisect_left(banned, sample_vocab_size) == sample_vocab_size:
+        raise ValueError(f"{what} bans all {sample_vocab_size} samplable tokens: nothing could be sampled")
 
 
 def stop_string_hit(ids: list[int], prompt_len: int, stops: Sequence[str],
@@ -262,8 +274,15 @@ class EngineBase:
     `add`, `append` and `fork`, `append` itself, and outputs. Subclasses start sequences and implement `pause`,
     `resume`, `release` and `step`. Sequence ids are ints in creation order; a smaller id is an older sequence."""
 
-    def __init__(self, vocab_size: int, detokenize: Callable[[list[int]], str] | None):
+    def __init__(self, vocab_size: int, detokenize: Callable[[list[int]], str] | None,
+                 sample_vocab_size: int | None = None):
+        if sample_vocab_size is not None and (isinstance(sample_vocab_size, bool) or not isinstance(
+                sample_vocab_size, int) or not 1 <= sample_vocab_size <= vocab_size):
+            raise ValueError(f"sample_vocab_size must be None or an int in [1, {vocab_size}] (the model's "
+                             f"vocabulary), got {sample_vocab_size!r}")
         self.vocab_size = vocab_size
+        # Only ids below it are sampled: the tokenizer's size where the model pads its vocabulary past it.
+        self.sample_vocab_size = sample_vocab_size or vocab_size
         self.detokenize = detokenize
         self._seqs: dict[int, SeqState] = {}
         self._filled: list[int] = []  # paused sequences whose append used up max_new_tokens: finish next step
@@ -300,7 +319,7 @@ class EngineBase:
 
     def _checked_add(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         """`add`'s arguments checked: the prompt as a list, and the params with a seed (drawn if none)."""
-        check_params(params, self.vocab_size, self.detokenize)
+        check_params(params, self.vocab_size, self.detokenize, sample_vocab_size=self.sample_vocab_size)
         prompt = self._check_ids(prompt_ids, "prompt_ids")
         if not prompt:
             raise ValueError("prompt_ids must not be empty")
@@ -316,7 +335,7 @@ class EngineBase:
         if params is not None:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"params must be None or a SamplingParams, got {type(params).__name__}")
-            check_params(params, self.vocab_size, self.detokenize)
+            check_params(params, self.vocab_size, self.detokenize, sample_vocab_size=self.sample_vocab_size)
         base = parent.params if params is None else params
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -328,9 +347,8 @@ class EngineBase:
         if at - parent.prompt_len >= base.max_new_tokens:
             raise ValueError(f"fork at {at} leaves the children of sequence {seq_id} no max_new_tokens budget")
         forbid = tuple(self._check_ids(forbid, "forbid"))
-        if len(set(forbid).union(base.banned_token_ids)) == self.vocab_size:
-            raise ValueError(f"forbid and the banned_token_ids of sequence {seq_id} together ban all "
-                             f"{self.vocab_size} tokens: nothing could be sampled")
+        check_samplable(sorted(set(forbid).union(base.banned_token_ids)), self.sample_vocab_size,
+                        f"forbid and the banned_token_ids of sequence {seq_id} together")
         r = at - parent.prompt_len
         children = [dict(id=self._new_id(), prompt_len=parent.prompt_len, ids=parent.ids[:at],
                          params=replace(base, seed=derive_seed(parent.params.seed, parent.num_forks, i)),

@@ -5,8 +5,9 @@ evaluation run unchanged on top of vLLM's offline engine.
 `VLLMEngine` over it per rollout phase, `load_weights(model)` copies the trainer's weights in after an M-step (in
 place, prefix cache dropped) and `sleep()` frees its GPU memory meanwhile (CUDA only). Each stretch of a sequence
 between two of our events (add, pause, append, resume, fork) is one vLLM request whose prompt is the sequence so far;
-vLLM's prefix cache serves the shared tokens again (whole blocks: a fork recomputes at most one). Stops, bans and
-behaviour log-probs (at `train_temperature`, one value at a time) mean what they mean in `Engine`. Runs are
+vLLM's prefix cache serves the shared tokens again (whole blocks: a fork recomputes at most one). Stops, bans, the
+`sample_vocab_size` limit (as `allowed_token_ids`) and behaviour log-probs (at `train_temperature`, one value at a
+time, over the whole vocabulary) mean what they mean in `Engine`. Runs are
 reproducible from the seeds; greedy rollouts are `Engine`'s tokens, sampled ones differ (vLLM draws differently).
 
 It does not give sampling log-probs (`SeqOutput.logprobs` is NaN: vLLM returns one kind, and the trainer needs the
@@ -127,7 +128,7 @@ class VLLMBackend:
         self.asleep = False
         self._live: VLLMEngine | None = None
 
-    def engine(self, *, detokenize: Callable[[list[int]], str] | None = None, vocab_size: int | None = None,
+    def engine(self, *, detokenize: Callable[[list[int]], str] | None = None, sample_vocab_size: int | None = None,
                **_: Any) -> VLLMEngine:
         """A fresh `VLLMEngine` over this backend (our `Engine`'s constructor keywords are accepted, and the pool
         ones ignored: vLLM sizes its own KV cache). One engine at a time drives vLLM."""
@@ -135,7 +136,7 @@ class VLLMBackend:
             raise ValueError("the vLLM backend is asleep: load_weights() wakes it with the trainer's weights")
         if self._live is not None and self._live.has_unfinished():
             raise ValueError("the previous VLLMEngine of this backend still has unfinished sequences")
-        self._live = VLLMEngine(self, detokenize=detokenize, vocab_size=vocab_size or self.vocab_size)
+        self._live = VLLMEngine(self, detokenize=detokenize, sample_vocab_size=sample_vocab_size)
         return self._live
 
     def set_temperature(self, temperature: float) -> None:
@@ -180,11 +181,12 @@ class _VSeq(SeqState):
 class VLLMEngine(EngineBase):
     """Our `Engine` interface over a `VLLMBackend` (see the module docstring; the methods mean what `Engine`'s do)."""
 
-    def __init__(self, backend: VLLMBackend, *, detokenize: Callable[[list[int]], str] | None, vocab_size: int):
+    def __init__(self, backend: VLLMBackend, *, detokenize: Callable[[list[int]], str] | None,
+                 sample_vocab_size: int | None = None):
         from vllm import SamplingParams as VLLMParams
         from vllm.sampling_params import RequestOutputKind
 
-        super().__init__(vocab_size, detokenize)
+        super().__init__(backend.vocab_size, detokenize, sample_vocab_size)
         self.backend = backend
         self.core = backend.llm.llm_engine
         self.stats = EngineStats()
@@ -268,7 +270,7 @@ class VLLMEngine(EngineBase):
             seed=derive_seed(p.seed, _SEGMENT, seq.requests), max_tokens=1 if seq.forbid else left,
             stop=list(p.stop_strings) or None, include_stop_str_in_output=True,
             stop_token_ids=list(p.stop_token_ids), ignore_eos=True,  # our stop ids are the only stop ids
-            logprobs=0, allowed_token_ids=self._allowed_ids(banned) if banned else None,
+            logprobs=0, allowed_token_ids=self._allowed_ids(banned),
             output_kind=self._delta, detokenize=bool(p.stop_strings), skip_special_tokens=False)
         seq.request = f"{seq.id}.{seq.requests}"
         seq.requests += 1
@@ -334,9 +336,12 @@ class VLLMEngine(EngineBase):
             self.core.abort_request([seq.request])
             seq.request = None
 
-    def _allowed_ids(self, banned: tuple[int, ...]) -> list[int]:
+    def _allowed_ids(self, banned: tuple[int, ...]) -> list[int] | None:
+        """The ids a request may sample: below `sample_vocab_size` and not banned; None when that is every id."""
+        if not banned and self.sample_vocab_size == self.vocab_size:
+            return None
         allowed = self._allowed.get(banned)
         if allowed is None:  # built once per distinct ban: a BPE vocabulary has hundreds of fence-start ids
             skip = set(banned)
-            allowed = self._allowed[banned] = [t for t in range(self.vocab_size) if t not in skip]
+            allowed = self._allowed[banned] = [t for t in range(self.sample_vocab_size) if t not in skip]
         return allowed

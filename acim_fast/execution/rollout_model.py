@@ -4,7 +4,8 @@
 ids and optionally a transformers tokenizer whose chat template renders the prompt. `prompt_ids(problem)` encodes
 the prompt and the forced code prefix each on its own (see prompts.py); `fence_ids` are the tokens banned to force
 prose, computed once; `engine(...)` is our `engine.paged_engine.Engine` over the weights, or, with a `backend`
-(`engine.vllm_backend.VLLMBackend`), the backend's engine with the same interface. `load_rollout_model(dir)` loads
+(`engine.vllm_backend.VLLMBackend`), the backend's engine with the same interface; either samples only ids the
+tokenizer has (`tokenizer_size`), never the rows a model pads its vocabulary with. `load_rollout_model(dir)` loads
 the model and the directory's `AutoTokenizer`; rollouts stop on its eos id and those of config.json.
 
 It does not sample, train, or save.
@@ -30,19 +31,23 @@ class RolloutModel:
     decode: Callable[[list[int]], str]  # ids -> text, special tokens skipped
     stop_token_ids: tuple[int, ...]
     tokenizer: Any = None
-    fence_vocab_size: int | None = None  # ids scanned for fence starts; None: the model's vocabulary
+    # The tokenizer's size where the model pads its vocabulary past it (None: the model's vocabulary): only ids below
+    # it are sampled and scanned for fence starts, as a padding id has no text.
+    tokenizer_size: int | None = None
     backend: Any = None  # a rollout backend with .engine(**Engine keywords); None: our sampler on `model`
 
     @functools.cached_property
     def fence_ids(self) -> tuple[int, ...]:
         """Sorted ids of every token that can start a code fence (see `prompts.fence_start_ids`)."""
-        fence = tuple(sorted(fence_start_ids(self.decode, self.fence_vocab_size or self.model.config.vocab_size)))
+        fence = tuple(sorted(fence_start_ids(self.decode, self.tokenizer_size or self.model.config.vocab_size)))
         if not fence:
             raise ValueError("no token of the vocabulary can start a code fence: forced prose would be no constraint")
         return fence
 
     def engine(self, **options: Any) -> Engine:
-        """A fresh rollout engine (`Engine`'s constructor keywords) over the policy's current weights."""
+        """A fresh rollout engine (`Engine`'s constructor keywords) over the policy's current weights, sampling only
+        ids below `tokenizer_size`."""
+        options = {"sample_vocab_size": self.tokenizer_size, **options}
         if self.backend is not None:
             return self.backend.engine(**options)
         return Engine(self.model, **options)
@@ -80,7 +85,6 @@ def load_rollout_model(model_dir: str | os.PathLike, *, dtype: str | None = None
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    # Models pad their vocabulary past the tokenizer's (Qwen2: 151936 rows, ~151665 tokens): padding ids decode to
-    # nothing and cannot start a fence.
+    # Models pad their vocabulary past the tokenizer's (Qwen2.5: 151,936 rows, 151,665 tokens).
     return RolloutModel(model=model, encode=encode, decode=decode, stop_token_ids=stops, tokenizer=tokenizer,
-                  fence_vocab_size=min(len(tokenizer), vocab))
+                        tokenizer_size=min(len(tokenizer), vocab))
