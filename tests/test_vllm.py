@@ -201,18 +201,23 @@ def test_fork_children_inherit_the_prefix_obey_forbid_and_are_seeded(policy, bac
 @needs_vllm
 def test_ids_past_sample_vocab_size_are_never_sampled_and_behaviour_covers_every_row(policy, backend):
     ids, _ = policy.prompt_ids(_problems(1)[0].problem)
-    limit = backend.vocab_size - 12  # as if the last 12 rows were a checkpoint's vocabulary padding
-    # Hot enough that the unlimited sampler draws ids past the limit: the limit has something to remove.
-    params = SamplingParams(temperature=4.0, max_new_tokens=40, seed=3)
+    params = SamplingParams(temperature=2.0, max_new_tokens=40, seed=3)  # vLLM's hottest
 
     def sampled(**limits):
         engine = backend.engine(detokenize=policy.decode, **limits)
-        seqs = [engine.add(ids, dataclasses.replace(params, seed=i)) for i in range(8)]
+        for i in range(8):
+            engine.add(ids, dataclasses.replace(params, seed=i))
+        outs = []
         while engine.has_unfinished():
-            engine.step()
-        return [engine.output(s) for s in seqs]
+            outs += engine.step()
+        assert len(outs) == 8
+        return outs
 
-    assert max(t for o in sampled() for t in o.token_ids) >= limit
+    # As if the ids the unlimited sampler draws most rarely were a checkpoint's vocabulary padding: the limit
+    # then has something to remove.
+    free = sorted(t for o in sampled() for t in o.token_ids)
+    limit = free[len(free) * 3 // 4]
+    assert free[-1] >= limit > 0
     outs = sampled(sample_vocab_size=limit)
     with torch.no_grad():
         for o in outs:
