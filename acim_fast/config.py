@@ -94,11 +94,6 @@ class Config:
             # the policy at the same one or every ratio is off by the temperature change.
             raise ValueError(f"Config.loss.temperature ({self.loss.temperature}) must equal "
                              f"Config.estep.temperature ({self.estep.temperature})")
-        if self.loss.kl_coef != 0:
-            # The loss's KL term needs reference log-probs, which the trainer does not compute (yet): refused here,
-            # not at the first M-step.
-            raise ValueError(f"Config.loss.kl_coef must be 0: the trainer feeds the loss no reference log-probs "
-                             f"(ref_logp), got {self.loss.kl_coef}")
 
     def effective_loss(self) -> LossConfig:
         """The M-step's loss: `loss` for em; for grpo its definition, the ppo objective with no decision loss."""

@@ -96,11 +96,13 @@ class _Trainer:
             _open_run_dir(config, run_dir)
         log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
         train_set, held_out = problems_of(config)
-        last, start = _starting_point(config, run_dir, ranks, log)
+        last, start, base = _starting_point(config, run_dir, ranks, log)
         ranks, policy, trained, backend = _models(config, start, ranks, owned)
+        reference = _reference(config, base, ranks, policy.model.dtype)
         trainer = cls(config=config, ranks=ranks, run_dir=run_dir, log=log, train_set=train_set, held_out=held_out,
                       policy=policy, trained=trained, backend=backend,
-                      mstep=MStep(trained, config.mstep, total_steps=planned_steps(config), dist=ranks.dist))
+                      mstep=MStep(trained, config.mstep, total_steps=planned_steps(config), dist=ranks.dist,
+                                  reference=reference))
         trainer.resume(last)
         return trainer
 
@@ -217,14 +219,17 @@ def _open_run_dir(config: Config, run_dir: Path) -> None:
 
 
 def _starting_point(config: Config, run_dir: Path, ranks: Ranks,
-                    log: Callable[[str], None]) -> tuple[Path | None, Path]:
-    """(the newest complete checkpoint or None, the weights to start from): rank 0 finds them (dropping the temporary
-    directories of an interrupted save, making the base model if need be), the other ranks take them from it."""
+                    log: Callable[[str], None]) -> tuple[Path | None, Path, Path | None]:
+    """(the newest complete checkpoint or None, the weights to start from, the run's starting model or None): rank 0
+    finds them (dropping the temporary directories of an interrupted save, making the base model if need be), the
+    other ranks take them from it. The starting model is the base model, also on a resumed run when the KL term
+    needs it as its reference (otherwise None there: a resumed run does not need it)."""
     found = None
     if ranks.is_main:
         checkpoint.clean(run_dir)
         last = checkpoint.latest(run_dir)
-        found = (last, base_model(config, run_dir, log) if last is None else last)
+        base = base_model(config, run_dir, log) if last is None or config.loss.kl_coef > 0 else None
+        found = (last, base if last is None else last, base)
     return ranks.from_main(found)
 
 
@@ -257,6 +262,18 @@ def _models(config: Config, start: Path, ranks: Ranks,
     trained = CausalLM.from_pretrained(start, dtype="float32", device=device,
                                        prepare=lambda model: shard(model, dist, compute_dtype=compute))
     return ranks, policy, trained, backend
+
+
+def _reference(config: Config, base: Path | None, ranks: Ranks, dtype: torch.dtype) -> CausalLM | None:
+    """The frozen reference policy of the KL term, or None when `--loss.kl_coef` is 0: the run's starting model
+    `base` (the same weights however often the run resumes, so a resumed run is the uninterrupted one), in the
+    sampler's `dtype` (the trained copy's compute dtype), placed as the trained copy is: whole in a plain fp32
+    process, FSDP2-sharded under ranks (each rank holds 1/N of it)."""
+    if config.loss.kl_coef == 0:
+        return None
+    dist = ranks.dist
+    prepare = None if dist is None else (lambda model: shard(model, dist))
+    return CausalLM.from_pretrained(base, dtype=dtype, device=ranks.device(config.device), prepare=prepare)
 
 
 def base_model(config: Config, run_dir: Path, log: Callable[[str], None]) -> Path:

@@ -15,6 +15,7 @@ It does not pick an implementation or dispatch (`fused_loss.py` holds the public
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -52,21 +53,21 @@ class LossConfig:
             raise ValueError(f"LossConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"LossConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if not 0.0 <= self.eps_low < 1.0:
-            raise ValueError(f"LossConfig.eps_low must be in [0, 1), got {self.eps_low}")
-        if self.eps_high < 0.0:
-            raise ValueError(f"LossConfig.eps_high must be >= 0, got {self.eps_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"LossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
-        if self.tis_cap <= 0.0:
-            raise ValueError(f"LossConfig.tis_cap must be > 0, got {self.tis_cap}")
-        if self.temperature <= 0.0:
-            raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature}")
-        for name in ("kl_coef", "entropy_coef", "sft_coef"):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_ratio_clamp <= 0.0:
-            raise ValueError(f"LossConfig.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+        # Written as `not (valid)`, so that nan (which fails every comparison) is refused too. An infinite clip
+        # width, dual clip or cap is allowed (no bound); an infinite weight, temperature or clamp is not.
+        finite = math.isfinite
+        for name, valid, what in (
+                ("eps_low", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                ("eps_high", lambda v: v >= 0.0, ">= 0"),
+                ("dual_clip", lambda v: v is None or v > 1.0, "> 1 (or None)"),
+                ("tis_cap", lambda v: v > 0.0, "> 0"),
+                ("temperature", lambda v: v > 0.0 and finite(v), "finite and > 0"),
+                ("kl_coef", lambda v: v >= 0.0 and finite(v), "finite and >= 0"),
+                ("entropy_coef", lambda v: v >= 0.0 and finite(v), "finite and >= 0"),
+                ("sft_coef", lambda v: v >= 0.0 and finite(v), "finite and >= 0"),
+                ("log_ratio_clamp", lambda v: v > 0.0 and finite(v), "finite and > 0")):
+            if not valid(getattr(self, name)):
+                raise ValueError(f"LossConfig.{name} must be {what}, got {getattr(self, name)}")
 
     @property
     def needs_entropy(self) -> bool:

@@ -46,6 +46,13 @@ def test_the_sandbox_isolation_is_a_flag_and_namespaces_by_default():
     assert config.sandbox.options(3.0) == SandboxOptions(timeout_s=3.0, isolation="weak")
 
 
+def test_the_kl_coefficient_is_a_flag_and_off_by_default():
+    assert parse_args([])[0].loss.kl_coef == 0.0
+    config, _ = parse_args(["--preset", "smoke", "--loss.kl-coef", "0.05"])
+    assert config.loss.kl_coef == 0.05 and config.effective_loss().kl_coef == 0.05
+    assert parse_args(["--algo", "grpo", "--loss.kl_coef", "0.05"])[0].effective_loss().kl_coef == 0.05
+
+
 def test_grpo_is_one_flag_and_defines_its_own_loss():
     config, _ = parse_args(["--algo", "grpo"])
     assert config.loss.objective == "clip"  # as given ...
@@ -64,7 +71,11 @@ def test_grpo_is_one_flag_and_defines_its_own_loss():
     (["--vllm.gpu_memory_utilization", "1.5"], "VLLMOptions.gpu_memory_utilization"),
     (["--vllm.block_size", "0"], "VLLMOptions.block_size"),
     (["--estep.temperature", "0.7"], "Config.loss.temperature (1.0) must equal Config.estep.temperature (0.7)"),
-    (["--loss.kl_coef", "0.1"], "Config.loss.kl_coef must be 0: the trainer feeds the loss no reference log-probs"),
+    (["--loss.kl_coef", "-0.1"], "LossConfig.kl_coef must be finite and >= 0, got -0.1"),
+    (["--loss.kl_coef", "nan"], "LossConfig.kl_coef must be finite and >= 0, got nan"),
+    (["--loss.kl_coef", "inf"], "LossConfig.kl_coef must be finite and >= 0, got inf"),
+    (["--loss.sft_coef", "nan"], "LossConfig.sft_coef must be finite and >= 0, got nan"),
+    (["--loss.entropy_coef", "-1"], "LossConfig.entropy_coef must be finite and >= 0, got -1.0"),
     (["--sandbox.isolation", "shared-uid"], "SandboxConfig.isolation must be one of ('namespaces', 'weak')"),
     (["--sandbox.max_failed_share", "1.5"], "SandboxConfig.max_failed_share must be in [0, 1]"),
     (["--no-such-flag", "1"], "unrecognized arguments"),

@@ -1,6 +1,6 @@
 """acim_fast.train.dist: one M-step under torchrun with 2 CPU processes (FSDP2 on gloo) equals the single-process step,
-and with the GPU's bf16 mixed precision tracks it; a 2-process run equals a 1-process run and resumes on another
-world size. CPU only, even on a GPU machine."""
+KL term against a sharded reference included, and with the GPU's bf16 mixed precision tracks it; a 2-process run
+equals a 1-process run and resumes on another world size. CPU only, even on a GPU machine."""
 
 import os
 import subprocess
@@ -29,13 +29,19 @@ TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
 
 @pytest.mark.dist
 def test_two_process_fsdp_step_equals_the_single_process_step(tmp_path):
-    """Also with activation checkpointing, where backward recomputes each block inside FSDP's per-block gathers."""
+    """Also with activation checkpointing, where backward recomputes each block inside FSDP's per-block gathers. The
+    KL's reference is sharded too: after the M-step each rank holds half of its bytes, not a gathered copy."""
     one = _run([], tmp_path / "one.pt")
+    assert one["metrics"]["mstep/kl"] > 0.01  # another model: the KL term and its gradient take part
     for flags in ((), ("checkpointed",)):
         two = _run(TORCHRUN_2, tmp_path / "two.pt", *flags)
         assert set(one["metrics"]) == set(two["metrics"])
-        for key, value in one["metrics"].items():  # loss, grad norm, clip fractions, behaviour gap ...
+        for key, value in one["metrics"].items():  # loss, kl, grad norm, clip fractions, behaviour gap ...
             assert abs(value - two["metrics"][key]) < 1e-6, (flags, key)
+        ((whole, total, _),) = one["reference_bytes"]
+        assert sum(held for held, _, _ in two["reference_bytes"]) == whole == total
+        for held, _, sharded in two["reference_bytes"]:  # dim-0 shards: halves up to one row of a tensor
+            assert sharded and abs(held - whole / 2) <= 0.01 * whole, (held, whole)
         assert one["metrics"]["mstep/steps"] == two["metrics"]["mstep/steps"] == 1
         moved = 0.0
         for name, value in one["state"].items():
@@ -59,6 +65,9 @@ def test_mixed_precision_step_computes_in_bf16_and_tracks_the_fp32_step(tmp_path
     assert mixed["compute_dtypes"] == {(torch.bfloat16, torch.bfloat16)}
     assert mixed["master_dtypes"] == {torch.float32}
     assert abs(mixed["metrics"]["mstep/loss"] - one["metrics"]["mstep/loss"]) < 1e-3
+    assert abs(mixed["metrics"]["mstep/kl"] - one["metrics"]["mstep/kl"]) < 1e-2 * one["metrics"]["mstep/kl"]
+    # The reference in bf16: 2 bytes a parameter, half of them on each rank.
+    assert [total for _, total, _ in mixed["reference_bytes"]] == [one["reference_bytes"][0][1] // 2] * 2
     assert abs(mixed["metrics"]["mstep/grad_norm"] - one["metrics"]["mstep/grad_norm"]) < 1e-2
     # Adam's first step is about lr·sign(grad) per element, so compare the update's direction: bf16 rounding flips
     # the sign only of near-zero gradients (0.995 measured), while a wrong reduction or a lost shard falls far below.

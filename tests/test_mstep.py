@@ -269,3 +269,63 @@ def test_samples_that_do_not_fit_are_named(model):
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"MStepConfig.{field}"):
         MStepConfig(**{field: value})
+
+
+# -- the KL term against a frozen reference policy --
+
+KL = replace(LOSS, kl_coef=0.05)
+
+
+def test_kl_loss_equals_the_hand_computation_against_another_reference(model):
+    """The reference (another random model) scored densely by hand: the loss gains kl_coef * k3 per trained token,
+    mstep/kl is k3's token mean, and neither model moves at lr 0."""
+    reference = build_model(replace(SMALL, seed=1), build_tokenizer())
+    samples = _samples()
+    total, kl, n = 0.0, 0.0, 0
+    for s in samples:
+        for j, (lp, ref) in enumerate(zip(_dense_logp(model, s).tolist(), _dense_logp(reference, s).tolist())):
+            if s.loss_mask[j]:
+                r, x = math.exp(lp - s.behaviour_logprobs[j]), ref - lp
+                k3 = math.exp(x) - x - 1.0
+                total += -min(max(r, 0.8), 1.2) * s.advantage + LOSS.sft_coef * s.decision_mask[j] * -lp + 0.05 * k3
+                kl += k3
+                n += 1
+    frozen = copy.deepcopy(reference.state_dict())
+    trainer = MStep(model, MStepConfig(lr=0.0, epochs=1, samples_per_step=len(samples)), total_steps=1,
+                    reference=reference)
+    metrics = trainer.train(samples, KL)
+    assert metrics["mstep/loss"] == pytest.approx(total / n, rel=1e-5, abs=1e-6)
+    assert metrics["mstep/kl"] == pytest.approx(kl / n, rel=1e-5) and kl / n > 0.01
+    assert all(not p.requires_grad for p in reference.parameters())
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_a_reference_equal_to_the_policy_gives_kl_zero_at_the_first_step(model):
+    """The starting model as its own reference: the first step's KL is 0 (the same forward); once the policy has
+    moved, the next M-step's is not."""
+    trainer = MStep(model, MStepConfig(lr=1e-2, epochs=1, samples_per_step=6, warmup_steps=0), total_steps=2,
+                    reference=copy.deepcopy(model))
+    first = trainer.train(_samples(), KL)
+    assert first["mstep/steps"] == 1 and first["mstep/kl"] == pytest.approx(0.0, abs=1e-7)
+    assert trainer.train(_samples(), KL, seed=1)["mstep/kl"] > 1e-6
+
+
+def test_kl_coef_zero_with_a_reference_is_the_old_step_plus_the_kl_metric(model):
+    results = []
+    for reference in (None, build_model(replace(SMALL, seed=1), build_tokenizer())):
+        m = copy.deepcopy(model)
+        trainer = MStep(m, MStepConfig(lr=1e-2, epochs=1, samples_per_step=6, warmup_steps=0), total_steps=1,
+                        reference=reference)
+        results.append((trainer.train(_samples(), LOSS), m.state_dict()))
+    (plain, plain_state), (with_ref, ref_state) = results
+    assert with_ref.pop("mstep/kl") > 0 and with_ref.keys() == plain.keys()
+    for k, v in plain.items():
+        assert with_ref[k] == v or (math.isnan(v) and math.isnan(with_ref[k])), k
+    for k, v in plain_state.items():
+        assert torch.equal(ref_state[k], v), k
+
+
+def test_kl_without_a_reference_is_refused(model):
+    with pytest.raises(ValueError, match=r"LossConfig.kl_coef is 0.05: the KL term needs MStep\(reference=...\)"):
+        MStep(model, MStepConfig(), total_steps=1).train(_samples(1), KL)

@@ -108,6 +108,38 @@ def test_hand_computed_single_token():
         assert out.metrics["clip_frac_high"].item() == 1.0
 
 
+def test_hand_computed_kl_term():
+    """The single token above with ratio 1 and advantage 0 (no policy-gradient term), ref_logp = log 0.5: the log-ratio
+    x = log(0.5 / 0.75), the loss kl_coef * (e^x - x - 1) and dL/dlogits = kl_coef * (1 - e^x) * (onehot - p)."""
+    logits = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    x = math.log(0.5 / 0.75)
+    args = dict(old_logp=torch.tensor([math.log(0.75)]), advantages=torch.tensor([0.0]),
+                loss_mask=torch.tensor([True]), ref_logp=torch.tensor([math.log(0.5)]))
+    config = LossConfig(objective="clip", kl_coef=0.1)
+    for impl in ("ref", *FAST):
+        logits.grad = None
+        out = policy_loss_from_logits(logits, torch.tensor([1]), **args, config=config, impl=impl)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(0.1 * (math.exp(x) - x - 1.0), abs=1e-7), impl
+        assert out.metrics["kl"].item() == pytest.approx(math.exp(x) - x - 1.0, abs=1e-7), impl
+        g = 0.1 * (1.0 - math.exp(x))
+        torch.testing.assert_close(logits.grad, torch.tensor([[-0.25 * g, 0.25 * g]]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ("ref", *FAST_PARAMS))
+def test_kl_coef_zero_is_exactly_the_loss_without_a_reference(impl):
+    """ref_logp given with kl_coef 0 changes nothing but the kl metric: the same loss and gradients, bit for bit."""
+    batch = make_batch()
+    config = LossConfig(objective="clip", sft_coef=0.5)
+    without = run({k: v for k, v in batch.items() if k != "ref_logp"}, config, impl)
+    with_ref = run(batch, config, impl)
+    assert with_ref["metrics"].pop("kl") > 0
+    for key, value in without.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(with_ref[key], value), key
+    assert with_ref["metrics"].keys() == without["metrics"].keys()
+
+
 @pytest.mark.parametrize("objective", ["ppo", "clip"])
 def test_clipped_tokens_get_zero_gradient(objective):
     """Set each token's ratio exactly; tokens the clip removes have zero gradient in their hidden row."""
@@ -332,11 +364,22 @@ def test_masked_rows_may_hold_ignore_index():
     assert torch.isfinite(_call(targets=targets, loss_mask=mask).loss)
 
 
-@pytest.mark.parametrize("field, value", [("objective", "grpo"), ("aggregation", "sum"), ("eps_low", 1.0),
-                                          ("dual_clip", 1.0), ("temperature", 0.0), ("kl_coef", -1.0)])
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("objective", "grpo"), ("aggregation", "sum"), ("eps_low", 1.0), ("eps_low", NAN), ("eps_high", NAN),
+    ("dual_clip", 1.0), ("dual_clip", NAN), ("tis_cap", NAN), ("temperature", 0.0), ("temperature", INF),
+    ("log_ratio_clamp", INF), ("log_ratio_clamp", NAN),
+    *((name, value) for name in ("kl_coef", "entropy_coef", "sft_coef") for value in (-1.0, NAN, INF, -INF))])
 def test_config_validation(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"LossConfig.{field} must be"):
         replace(LossConfig(), **{field: value})
+
+
+def test_config_allows_unbounded_clips():
+    """An infinite clip width, dual clip or cap means no bound (not an error)."""
+    replace(LossConfig(), eps_high=INF, dual_clip=INF, tis_cap=INF)
 
 
 def test_triton_without_gpu_or_interpreter_is_refused(monkeypatch):

@@ -4,6 +4,8 @@
 checkpointed); `MStep.train` makes seeded passes over a buffer, packed into micro-batches, one optimiser step per
 `samples_per_step` samples. `recompute_logprobs` and `behaviour_gap` compare the training forward with the sampler,
 on a seeded sample of the buffer (`gap_probe`) unless the ratio's old log-probs are recomputed for all of it.
+Given a frozen `reference` model (the run's starting model), the same pass computes its log-probs of the whole buffer
+once per M-step, for the loss's KL term (`LossConfig.kl_coef`) and the `mstep/kl` metric.
 With a `Dist` (FSDP2) every rank trains its share of each step, and a step equals the single-process step.
 
 It does not sample, sync weights into a separate inference copy (in one process the sampler reads this very module;
@@ -25,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from acim_fast.common.fields import check_int, option
@@ -89,17 +92,21 @@ class MStepConfig:
             raise ValueError(f"MStepConfig.behaviour must be one of {BEHAVIOURS}, got {self.behaviour!r}")
 
 
-def _rows(samples: Sequence[Sample], old_logps: Sequence[Sequence[float]]) -> list[Row]:
+def _rows(samples: Sequence[Sample], old_logps: Sequence[Sequence[float]],
+          ref_logps: Sequence[Sequence[float]] | None = None) -> list[Row]:
     """Packing rows: the prompt's tokens carry zeros; response values sit on their own tokens. Per token, the loss
-    reads the sample's advantage, its behaviour (or recomputed) log-prob as `old_logp`, its loss mask, and its
-    decision mask as `sft_mask`."""
+    reads the sample's advantage, its behaviour (or recomputed) log-prob as `old_logp`, its loss mask, its
+    decision mask as `sft_mask` and, given `ref_logps`, the reference policy's log-prob as `ref_logp`."""
     rows = []
-    for s, old in zip(samples, old_logps):
+    for i, (s, old) in enumerate(zip(samples, old_logps)):
         pad = [0.0] * len(s.prompt_ids)
-        rows.append(Row(s.ids, {"loss_mask": pad + [float(m) for m in s.loss_mask],
-                                "old_logp": pad + list(old),
-                                "advantage": pad + [s.advantage] * len(s.response_ids),
-                                "decision": pad + [float(m) for m in s.decision_mask]}))
+        values = {"loss_mask": pad + [float(m) for m in s.loss_mask],
+                  "old_logp": pad + list(old),
+                  "advantage": pad + [s.advantage] * len(s.response_ids),
+                  "decision": pad + [float(m) for m in s.decision_mask]}
+        if ref_logps is not None:
+            values["ref_logp"] = pad + list(ref_logps[i])
+        rows.append(Row(s.ids, values))
     return rows
 
 
@@ -145,7 +152,8 @@ def _loss(model: CausalLM, p: Pack, loss: LossConfig, normalizer: float, checkpo
     v = {k: t.to(model.device) for k, t in p.values.items()}
     return policy_loss(hidden, model.lm_head_weight, p.targets.to(model.device), old_logp=v["old_logp"],
                        advantages=v["advantage"], loss_mask=v["loss_mask"], sft_mask=v["decision"],
-                       seq_ids=p.seq_ids().to(model.device), config=loss, normalizer=normalizer)
+                       ref_logp=v.get("ref_logp"), seq_ids=p.seq_ids().to(model.device), config=loss,
+                       normalizer=normalizer)
 
 
 @torch.no_grad()
@@ -167,6 +175,10 @@ def recompute_logprobs(model: CausalLM, samples: Sequence[Sample], *, temperatur
             end = int(p.cu_seqlens[j + 1])
             out[row] = logp[end - len(s.response_ids):end].tolist()
     model.train(was_training)
+    if isinstance(model, FSDPModule):
+        # FSDP2 keeps the root's parameters gathered from forward to backward, and a pass without backward never
+        # frees them: a frozen model (the KL's reference) would hold its whole embedding and head until its next pass.
+        model.reshard()
     if dist is not None:  # each rank computed its share: put every share in every rank's list
         out = dist.gather_shares(dist.share(out))
     return out
@@ -194,10 +206,14 @@ def behaviour_gap(samples: Sequence[Sample], recomputed: Sequence[Sequence[float
 class MStep:
     """The optimiser and schedule of a run; `train` does one M-step (see the module docstring)."""
 
-    def __init__(self, model: CausalLM, cfg: MStepConfig, *, total_steps: int, dist: Dist | None = None):
+    def __init__(self, model: CausalLM, cfg: MStepConfig, *, total_steps: int, dist: Dist | None = None,
+                 reference: CausalLM | None = None):
+        """`reference`: the frozen policy of the KL term (needed when the loss's kl_coef > 0), placed like `model`
+        (FSDP2-sharded the same way under a Dist); never trained, not part of `state_dict`."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
         self.model, self.cfg, self.total_steps, self.dist = model, cfg, total_steps, dist
+        self.reference = None if reference is None else reference.requires_grad_(False).eval()
         # AdamW, decay on matrices only; linear warm-up, then cosine to min_lr_ratio over the whole run's steps.
         self.optimizer = adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
@@ -228,6 +244,8 @@ class MStep:
         cfg = self.cfg
         samples = list(samples)
         _check(samples, cfg.micro_batch_tokens)
+        if loss.kl_coef > 0 and self.reference is None:
+            raise ValueError(f"LossConfig.kl_coef is {loss.kl_coef}: the KL term needs MStep(reference=...)")
         metrics: dict[str, float] = {"mstep/steps": 0, "mstep/skipped": 0, "mstep/samples": len(samples)}
         if not samples:
             return metrics
@@ -239,6 +257,10 @@ class MStep:
                                         tree_pack=cfg.tree_pack) if probed else []
         metrics.update(behaviour_gap(probed, recomputed))
         old = recomputed if cfg.behaviour == "recompute" else [s.behaviour_logprobs for s in samples]
+        # The reference is frozen: its log-probs of the buffer, once, serve every epoch.
+        ref = None if self.reference is None else recompute_logprobs(
+            self.reference, samples, temperature=loss.temperature, micro_batch_tokens=cfg.micro_batch_tokens,
+            dist=self.dist, tree_pack=cfg.tree_pack)
         self.model.train()
         sums: dict[str, float] = {}
         for epoch in range(cfg.epochs):
@@ -246,7 +268,8 @@ class MStep:
             random.Random(f"mstep/{seed}/{epoch}").shuffle(order)
             for start in range(0, len(order), cfg.samples_per_step):
                 batch = order[start:start + cfg.samples_per_step]
-                step = self._step([samples[i] for i in batch], [old[i] for i in batch], loss)
+                step = self._step([samples[i] for i in batch], [old[i] for i in batch],
+                                  None if ref is None else [ref[i] for i in batch], loss)
                 if step is None:
                     metrics["mstep/skipped"] += 1
                     continue
@@ -260,8 +283,9 @@ class MStep:
         self.model.eval()
         return metrics
 
-    def _step(self, samples: list[Sample], old: list[Sequence[float]], loss: LossConfig) -> dict[str, float] | None:
-        rows = _rows(samples, old)
+    def _step(self, samples: list[Sample], old: list[Sequence[float]], ref: list[Sequence[float]] | None,
+              loss: LossConfig) -> dict[str, float] | None:
+        rows = _rows(samples, old, ref)
         # The step's global normaliser (its valid tokens, or sequences): its loss does not depend on how it is cut
         # into micro-batches, nor over how many ranks.
         per_sequence = loss.aggregation == "seq_mean_token_mean"
