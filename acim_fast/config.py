@@ -23,6 +23,7 @@ from acim_fast.common.fields import add_field_flags, check_int, option
 from acim_fast.engine.vllm_backend import VLLMOptions
 from acim_fast.evaluate import EvalOptions
 from acim_fast.execution.sandbox import SandboxConfig
+from acim_fast.loggers import parse_backends
 from acim_fast.train.estep import Algo, EStepConfig
 from acim_fast.train.mstep import MStepConfig
 from acim_kernels import LossConfig
@@ -67,6 +68,10 @@ class Config:
     rollout_backend: str = option("ours", "engine of the E-step and evaluation rollouts: ours (the paged sampler "
                                   "that forks with copy-on-write) | vllm (vLLM's offline engine, one per process; "
                                   "see --vllm.*)", group="run")
+    log: tuple[str, ...] = option((), "logging backends beside metrics.jsonl, comma-separated (rank 0 only): "
+                                  "tensorboard (event files in the run directory; pip extra 'tensorboard') | wandb "
+                                  "(RUN/wandb, offline unless WANDB_MODE says otherwise or an API key and the network "
+                                  "are there; pip extra 'wandb')", group="run")
     # -- the phases (see each class for its fields) --
     estep: EStepConfig = field(default_factory=EStepConfig, metadata={"group": "estep"})
     mstep: MStepConfig = field(default_factory=MStepConfig, metadata={"group": "mstep"})
@@ -87,6 +92,7 @@ class Config:
         self.algo = Algo.parse(self.algo, "Config.algo")
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"Config.rollout_backend must be one of {BACKENDS}, got {self.rollout_backend!r}")
+        self.log = parse_backends(self.log, "Config.log")
         if self.dtype not in (None, "float32", "bfloat16"):  # float16 would need loss scaling
             raise ValueError(f"Config.dtype must be float32, bfloat16 or none, got {self.dtype!r}")
         if self.loss.temperature != self.estep.temperature:

@@ -3,9 +3,10 @@
 
 It prepares the run directory (config.json), the starting model and the problems; evaluates the starting model
 (iteration 0); then runs each EM iteration (E-step `estep.explore`, M-step `mstep.MStep`, held-out evaluation
-`evaluate.evaluate`), appending a line to RUN/metrics.jsonl and writing RUN/checkpoints/iter_NNNN atomically
-(`acim_fast.train.checkpoint`); it ends with RUN/report.png and a summary table. `--resume RUN_DIR` goes on after
-the newest complete checkpoint with the same data order and seeds, so a killed run loses no finished iteration.
+`evaluate.evaluate`), appending a line to RUN/metrics.jsonl (and to the `--log` backends: `loggers.MetricsLog`)
+and writing RUN/checkpoints/iter_NNNN atomically (`acim_fast.train.checkpoint`); it ends with RUN/report.png and a
+summary table. `--resume RUN_DIR` goes on after the newest complete checkpoint with the same data order and seeds,
+so a killed run loses no finished iteration.
 
 It does not do the work of each phase (the modules named above) or choose hyper-parameters.
 """
@@ -38,6 +39,7 @@ from acim_fast.engine.vllm_backend import VLLMBackend
 from acim_fast.evaluate import Report, evaluate
 from acim_fast.execution.rollout_model import RolloutModel, load_rollout_model
 from acim_fast.execution.sandbox import STATUSES, Sandbox
+from acim_fast.loggers import MetricsLog, require
 from acim_fast.report import METRICS_FILE, plot, read_metrics, summary_table
 from acim_fast.train import checkpoint
 from acim_fast.train.dist import Ranks, copy_full_weights, from_env, shard, world_of_one
@@ -82,6 +84,7 @@ class _Trainer:
     mstep: MStep
     first: int = 0  # the first iteration this process runs
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    metrics: MetricsLog | None = None  # rank 0's writer of metrics.jsonl and the --log backends
 
     @classmethod
     def setup(cls, config: Config, ranks: Ranks, resume_dir: str | os.PathLike | None, log: Callable[[str], None],
@@ -92,8 +95,10 @@ class _Trainer:
         if config.problems_per_iter < ranks.world:
             raise ValueError(f"--problems_per_iter {config.problems_per_iter} leaves some of the {ranks.world} ranks "
                              f"without a problem to explore")
-        if ranks.is_main and resume_dir is None:
-            _open_run_dir(config, run_dir)
+        if ranks.is_main:
+            require(config.log)  # a missing package fails now, not after the warm-up
+            if resume_dir is None:
+                _open_run_dir(config, run_dir)
         log(f"run {run_dir}\nresolved config:\n{config.to_json()}")
         train_set, held_out = problems_of(config)
         last, start, base = _starting_point(config, run_dir, ranks, log)
@@ -104,6 +109,9 @@ class _Trainer:
                       mstep=MStep(trained, config.mstep, total_steps=planned_steps(config), dist=ranks.dist,
                                   reference=reference))
         trainer.resume(last)
+        if ranks.is_main:
+            trainer.metrics = owned.enter_context(contextlib.closing(
+                MetricsLog(run_dir, config.log, first=trainer.first, config=config.to_dict())))
         return trainer
 
     def resume(self, last: Path | None) -> None:
@@ -187,7 +195,7 @@ class _Trainer:
             record.update(eval_metrics(report))
             record["time_s"] = time_s
             self.records.append(record)
-            _append_line(self.run_dir / METRICS_FILE, record)
+            self.metrics.write(record)
         checkpoint.save(self.run_dir, it, self.policy, self.mstep.state_dict(),
                         files={"eval.json": report.to_json()} if main else None, dist=self.ranks.dist)
         if main:
@@ -367,15 +375,6 @@ def format_line(r: dict[str, Any]) -> str:
             f"sel acc {f('eval/selection_accuracy')} | reward {f('estep/reward_mean')} | "
             f"buffer {f('estep/buffer', 'd')} | loss {f('mstep/loss', '.4f')} | clip {f('mstep/clip_frac')} | "
             f"cells {cells} | {r['time_s']:.0f} s")
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a checkpoint written next never has its line missing)."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 if __name__ == "__main__":

@@ -22,3 +22,17 @@ def sandbox():
 
     with Sandbox(SandboxOptions(timeout_s=5.0)) as box:
         yield box
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars():
+    """A function: run directory -> {tag: [(step, value), ...]} of its TensorBoard event files, read back with
+    TensorBoard's own EventAccumulator (which applies purge_step, as TensorBoard shows it)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+    def read(run_dir):
+        events = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    return read

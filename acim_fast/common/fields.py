@@ -42,7 +42,8 @@ def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Fiel
 
 def value_parser(kind: Any) -> Callable[[str], Any]:
     """A string -> value converter for a field's annotated type (`X | None` also takes "none"; bools take
-    true/false/yes/no/on/off/1/0, never Python's truthiness of a non-empty string)."""
+    true/false/yes/no/on/off/1/0, never Python's truthiness of a non-empty string; `tuple[T, ...]` takes
+    comma-separated values, "" none)."""
     options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     optional = type(None) in options
     base = next(t for t in options if t is not type(None))
@@ -52,6 +53,9 @@ def value_parser(kind: Any) -> Callable[[str], Any]:
             return None
         if isinstance(base, type) and issubclass(base, Choice):
             return text  # checked by the config's __post_init__, whose error names the field
+        if typing.get_origin(base) is tuple:
+            item = value_parser(typing.get_args(base)[0])
+            return tuple(item(x.strip()) for x in text.split(",") if x.strip())
         if base is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
