@@ -10,20 +10,24 @@ could not reach the registry. `build_tokenizer` turns the ranks into a `tokenize
 `TikTokenConverter` (whose own loader needs tiktoken, which we do not depend on), Qwen2's pre-tokenizer pattern, NFC,
 the 22 special tokens and Qwen2.5's ChatML template (tool calls left out), and saves it as a fast tokenizer that
 `AutoTokenizer` loads. `build_model` saves a random `Qwen2ForCausalLM` (2 layers, hidden 64, GQA) of a fixed seed.
+`sft_checkpoint` fine-tunes a checkpoint on given token sequences with transformers' own model (loss on the masked-in
+response tokens only), cached under `cache_dir()` by a hash of everything it depends on.
 
-It does not train (the SFT of the run test lives with that test) or download anything but the one pinned wheel.
+It does not choose what to fine-tune on (the run test does) or download anything but the one pinned wheel.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 WHEEL_REQUIREMENT = "dashscope==2.0.2"
@@ -190,3 +194,79 @@ def build_checkpoint(out_dir: str | os.PathLike, *, cache: Path | None = None, s
     build_tokenizer(tmp, wheel)
     tmp.rename(out_dir)
     return out_dir
+
+
+@dataclass(frozen=True)
+class SFTSample:
+    """One fine-tuning sequence: the prompt (context only) and the response, trained where `mask` is 1."""
+
+    prompt: list[int]
+    response: list[int]
+    mask: list[int]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 120
+    lr: float = 1e-2
+    seed: int = 0
+
+
+def sft_checkpoint(base_dir: str | os.PathLike, samples: list[SFTSample], config: SFTConfig = SFTConfig(), *,
+                   cache: Path | None = None) -> Path:
+    """`base_dir` fine-tuned on `samples` (full batch, AdamW), with `base_dir`'s tokenizer files and the losses
+    (sft_losses.json): a directory under
+    `cache` (default `cache_dir()`) named by a hash of the base weights, the samples and `config`, made once (renamed
+    into place when complete)."""
+    base_dir = Path(base_dir)
+    key = hashlib.sha256((base_dir / "model.safetensors").read_bytes())
+    key.update(json.dumps([[asdict(s) for s in samples], asdict(config)]).encode())
+    out = (cache_dir() if cache is None else Path(cache)) / f"sft-{key.hexdigest()[:20]}"
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sft-") as tmp:
+        model, losses = _fine_tune(base_dir, samples, config)
+        model.save_pretrained(tmp)
+        Path(tmp, "sft_losses.json").write_text(json.dumps(losses))
+        for f in base_dir.iterdir():  # the tokenizer's files
+            if not (Path(tmp) / f.name).exists():
+                shutil.copy(f, tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process made it meanwhile: same inputs, same use
+            if not out.is_dir():
+                raise
+    return out
+
+
+def _fine_tune(base_dir: Path, samples: list[SFTSample], config: SFTConfig):
+    """(the fine-tuned transformers model, the loss of each step)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(config.seed)
+    model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).train()
+    width = max(len(s.prompt) + len(s.response) for s in samples)
+    ids = torch.full((len(samples), width), ENDOFTEXT_ID)
+    attention = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -100)  # at position p: the token p + 1, where trained
+    for b, s in enumerate(samples):
+        seq = s.prompt + s.response
+        ids[b, :len(seq)] = torch.tensor(seq)
+        attention[b, :len(seq)] = 1
+        for j, (token, trained) in enumerate(zip(s.response, s.mask)):
+            if trained:
+                targets[b, len(s.prompt) + j - 1] = token
+    where = targets != -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    losses = []
+    for _ in range(config.steps):
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[where]
+        loss = F.cross_entropy(model.lm_head(hidden), targets[where])  # logits of the trained positions only
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model.eval(), losses

