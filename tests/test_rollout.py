@@ -1,8 +1,9 @@
 """acim_fast.execution.rollout: cells stop generation, run in the sandbox, and come back as appended tokens the model
 reads.
 
-The model is a real `Engine` over `ScriptedLM`, a CausalLM whose K cache stores token ids, so each query reads its
-whole sequence back through the block table and puts all its mass on the next character of a scripted response.
+The model is a real `Engine` over `ScriptedLM` (tests/scripted_lm.py), a CausalLM whose K cache stores token ids, so
+each query reads its whole sequence back through the block table and puts all its mass on the next character of a
+scripted response.
 Scripts are functions of the response so far: they read the output blocks the loop appended, so a test that
 checks the final text proves that the real output arrived as tokens and that the model resumed after it.
 """
@@ -13,9 +14,8 @@ import math
 import re
 
 import pytest
-import torch
+import scripted_lm
 
-from acim_fast.engine.model import CausalLM, ModelConfig
 from acim_fast.engine.paged_engine import Engine
 from acim_fast.engine.sampling import SamplingParams
 from acim_fast.execution.prompts import CellFormat
@@ -93,33 +93,14 @@ SCRIPTS = {
 }
 
 
-class ScriptedLM(CausalLM):
+class ScriptedLM(scripted_lm.ScriptedLM):
     """Greedy decoding follows `scripts[prompt](response so far)`; EOS once the script is done or contradicted."""
 
     def __init__(self, scripts):
-        super().__init__(ModelConfig.from_hf_dict(dict(
-            model_type="llama", vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-            num_attention_heads=1)))
+        super().__init__(VOCAB, logit=LOGIT)
         self.scripts = scripts
 
-    def forward_paged(self, input_ids, kv, batch):
-        k = input_ids.to(self.dtype)[:, None, None].expand(-1, 1, self.config.head_dim)
-        if batch.write_rows is None:
-            kv.write(0, k, k, batch.slot_mapping, validate=False)
-        else:  # a fork kept at a past position re-reads its last token without rewriting it
-            kv.write(0, k[batch.write_rows], k[batch.write_rows], batch.write_slots, validate=False)
-        cache = kv.k[0][..., 0, 0].reshape(-1)
-        logits = torch.zeros(len(input_ids), VOCAB)
-        bs, qsl = kv.block_size, batch.query_start_loc.tolist()
-        for b, (table, n) in enumerate(zip(batch.block_tables.tolist(), batch.seq_lens.tolist())):
-            slots = [table[p // bs] * bs + p % bs for p in range(n)]
-            logits[qsl[b + 1] - 1, self._next(cache[slots].long().tolist())] = LOGIT
-        return logits
-
-    def logits(self, hidden):
-        return hidden
-
-    def _next(self, ids: list[int]) -> int:
+    def next_token(self, ids: list[int]) -> int:
         text = decode(ids)
         prompt = next(p for p in self.scripts if text.startswith(p))
         resp = text[len(prompt):]

@@ -5,8 +5,9 @@ every mode, so no trained sample carries a methodology instruction: the tokenize
 and `ANSWER_INSTRUCTION` (the answer format only: a "reason step by step" or "use programs" prompt would push one
 decision), else `PLAIN_TEMPLATE` (its final newline lets a response open a cell on its first line). Mode "code"
 puts `CODE_TRIGGER` in the response prefix; "prose" is forced only by banning `fence_start_ids`: every token that
-contains the first character of `CellFormat.open` or ends with a proper prefix of it, so no fence can start at a
-banned step. `CellFormat` is the text of a python cell and of its output block.
+contains all of `CellFormat.open` or ends with a proper prefix of it, so no fence can start at a banned step (other
+tokens with a backtick stay allowed: on Qwen2.5's vocabulary 25 of the 108 are banned, "`\n" and " ```\n" are not).
+`CellFormat` is the text of a python cell and of its output block.
 
 It does not tokenise (callers encode text and prefix apart, so the prompt ends where sampling starts), apply the
 ban (the sampler does), or add few-shot examples, system prompts of its own or multiple turns.
