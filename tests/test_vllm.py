@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from acim_fast.config import smoke_preset
+from acim_fast.data import load_problems
 from acim_fast.embedded.task import generate
 from acim_fast.engine.sampling import SamplingParams
 from acim_fast.engine.vllm_backend import VLLMBackend
@@ -303,3 +304,31 @@ def test_a_bf16_run_with_the_vllm_backend_trains_masters_and_exits_cleanly(warm_
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["iteration"] == 1 and line["mstep/steps"] > 0 and math.isfinite(line["mstep/loss"])
 
+
+
+@needs_vllm
+def test_a_qwen_checkpoint_exported_as_runs_export_it_serves_in_vllm_as_in_our_sampler(qwen_dir, sandbox, tmp_path):
+    """The Qwen2.5-shaped checkpoint (real tokenizer, 151,936 rows for 151,665 tokens), its weights changed and written
+    as `checkpoint.save` writes a run's model, loads in vLLM: the tool loop's greedy rollouts on MATH-500's chat
+    prompts equal our sampler's, neither samples a padding id, and the behaviour log-probs are the training
+    forward's."""
+    source = load_rollout_model(qwen_dir)
+    with torch.no_grad():
+        for p in source.model.parameters():  # an export that differs from the source checkpoint
+            p.add_(torch.randn_like(p) * 0.02)
+    export = tmp_path / "iter_0001"
+    source.model.save_pretrained(export)
+    source.tokenizer.save_pretrained(str(export))
+    policy = load_rollout_model(export)
+    assert policy.tokenizer_size == 151_665 < policy.model.config.vocab_size == 151_936
+    problems = load_problems("math500")[:3]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=48, stop_token_ids=policy.stop_token_ids)
+    ours, _ = _rollouts(policy, sandbox, problems, greedy)
+    backend = VLLMBackend(export)
+    try:
+        theirs, _ = _rollouts(dataclasses.replace(policy, backend=backend), sandbox, problems, greedy)
+    finally:
+        backend.close()
+    assert [r.response_ids for r in theirs] == [r.response_ids for r in ours]
+    assert max(t for r in theirs for t in r.response_ids) < policy.tokenizer_size
+    assert _largest_gap(theirs, policy.model) < 1e-4
