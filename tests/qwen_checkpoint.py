@@ -207,7 +207,7 @@ class SFTSample:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 120
+    steps: int = 60
     lr: float = 1e-2
     seed: int = 0
 
