@@ -13,9 +13,11 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,11 +250,30 @@ def test_boxed_answers_survive_the_tokenizer_round_trip(qwen_policy, answer):
 
 # -- python -m acim_fast.run on MATH-500 --
 
-# One small iteration on CPU in fp32: 4 problems explored, 2 held out, 64-token rollouts.
-RUN_FLAGS = ["--preset", "smoke", "--data", "math500", "--eval_data", "math500", "--iterations", "1",
-             "--problems_per_iter", "4", "--eval_problems", "2", "--dtype", "float32",
+# The README's real-model example at test size, on CPU: 1 iteration, 4 problems explored, 2 held out, 64-token
+# rollouts (the fixture is fp32, so the run is too).
+RUN_FLAGS = ["--data", "math500", "--eval_problems", "2", "--iterations", "1", "--problems_per_iter", "4",
              "--estep.k_code", "2", "--estep.k_prose", "2", "--estep.k_free", "2", "--estep.max_new_tokens", "64",
-             "--eval.k", "1", "--eval.max_new_tokens", "64"]
+             "--estep.max_tool_tokens", "64", "--eval.k", "1", "--eval.max_new_tokens", "64",
+             "--mstep.lr", "1e-6", "--mstep.micro_batch_tokens", "16384", "--mstep.activation_checkpointing", "true",
+             "--keep_trainer_states", "2"]
+# Where the README's command may differ from the test's: the values (sizes), the device and where things are.
+DEVICE_AND_PLACE = {"--device", "--model", "--out_dir"}
+
+
+def _readme_example() -> list[str]:
+    """The words of the README's `--model` command (the indented block after "**A real model**")."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**A real model**"):]
+    lines = section.split("\n\n", 2)[1]  # the paragraph after the heading line: the indented command
+    return shlex.split(lines.replace("\\\n", " "))
+
+
+def test_the_readme_real_model_example_is_the_run_this_file_tests():
+    words = _readme_example()
+    assert words[:3] == ["python", "-m", "acim_fast.run"], words
+    readme_flags = {w for w in words if w.startswith("--")}
+    assert readme_flags - DEVICE_AND_PLACE == {w for w in RUN_FLAGS if w.startswith("--")}
 
 
 def _run_config(model_dir, out_dir):
