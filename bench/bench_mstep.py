@@ -82,7 +82,9 @@ def summary(report):
         lines.append(f"{name:<24}{'on' if checkpointed else 'off':<15}{r['ms']:>10.1f}{time_ratio:>8.2f}"
                      f"{r['peak_mib']:>10.0f}{mem_ratio:>8.3f}")
     device = device_name()
-    report += [f"M-step micro-batch fwd+bwd on {device}, torch {torch.__version__} (median of the rounds)", *lines, ""]
+    if RESULTS:
+        report += [f"M-step micro-batch fwd+bwd on {device}, torch {torch.__version__} (median of the rounds)", *lines,
+                   ""]
     lines = [f"{'shape':<24}{'loss':<8}{'ms':>10}{'x eager':>9}{'peak MiB':>10}{'x eager':>9}"]
     for (name, loss), r in LOSS_RESULTS.items():
         time_ratio, mem_ratio = ratios(r, LOSS_RESULTS.get((name, "eager"), {}))
