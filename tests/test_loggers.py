@@ -2,6 +2,7 @@
 once per step across a resume; wandb writes an offline run under the run directory and resumes its id; the mode
 rule; a missing package's error names the pip extra; the flag is validated at parse time."""
 
+import dataclasses
 import json
 import sys
 
@@ -100,3 +101,35 @@ def test_the_log_flag_is_validated_at_parse_time(capsys):
     with pytest.raises(ValueError, match="Config.log must be a list"):
         Config(log=3)
     assert Config(log="wandb").log == ("wandb",)
+
+
+@pytest.mark.slow
+def test_a_run_logs_to_tensorboard_what_it_writes_to_metrics_jsonl_and_a_resume_adds_no_step(tmp_path,
+                                                                                            tensorboard_scalars):
+    """The trainer itself (the smoke preset, shrunk: a barely warmed-up model, one iteration), then a resume that
+    redoes iteration 1, as after a process killed between its metrics line and its checkpoint."""
+    import shutil
+
+    from acim_fast.run import train
+
+    run = tmp_path / "run"
+    config = dataclasses.replace(smoke_preset(), out_dir=str(run), warmup_steps=3, iterations=1, problems_per_iter=2,
+                                 eval_problems=2, log=("tensorboard",))
+    train(config, log=lambda _: None)
+    first = _tensorboard_equals_jsonl(run, tensorboard_scalars)
+    shutil.rmtree(run / "checkpoints" / "iter_0001")  # iteration 1's line and events exist, its checkpoint not
+    train(config, resume_dir=run, log=lambda _: None)
+    again = _tensorboard_equals_jsonl(run, tensorboard_scalars)
+    assert [r["iteration"] for r in again] == [0, 1]
+    assert again[0] == first[0] and again[1]["time_s"] != first[1]["time_s"]  # iteration 1 was redone
+
+
+def _tensorboard_equals_jsonl(run_dir, tensorboard_scalars):
+    """Every numeric, finite value of every metrics.jsonl line is a scalar at its iteration, and nothing else."""
+    lines = read_metrics(run_dir)
+    scalars = tensorboard_scalars(run_dir)
+    assert {"eval/pass_at_1", "estep/buffer", "time_s"} <= set(scalars)
+    for tag, points in scalars.items():
+        expected = [(r["iteration"], r[tag]) for r in lines if isinstance(r.get(tag), (int, float))]
+        assert points == [(step, pytest.approx(value, rel=1e-6)) for step, value in expected], tag  # float32
+    return lines
