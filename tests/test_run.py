@@ -273,3 +273,33 @@ def test_the_kl_reference_is_the_starting_model_also_on_resume(tmp_path):
     for name, value in saved.items():
         assert torch.equal(state[name], value), name
     assert run._reference(_smoke(run_dir, model), None, Ranks(None), torch.float32) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_kl_run_resumes_against_its_starting_model(warm_model, tmp_path, monkeypatch):
+    """--loss.kl_coef: the reference is the run's starting model, also after --resume (not the checkpoint it resumes
+    from): a run stopped after iteration 1 and resumed gives the uninterrupted run's metrics, mstep/kl included."""
+    def config(name):
+        return _smoke(tmp_path / name, warm_model, loss=dataclasses.replace(smoke_preset().loss, kl_coef=0.05))
+
+    whole = train(config("whole"), log=lambda _: None)
+    assert all(r["mstep/kl"] > 0 for r in whole[1:])  # the first step's KL is 0 (the policy is the reference)
+    save = run.checkpoint.save
+
+    def save_then_stop(run_dir, iteration, *args, **kwargs):
+        path = save(run_dir, iteration, *args, **kwargs)
+        if iteration == 1:
+            raise _Stop
+        return path
+
+    monkeypatch.setattr(run.checkpoint, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        train(config("stopped"), log=lambda _: None)
+    monkeypatch.setattr(run.checkpoint, "save", save)
+    resumed = train(config("stopped"), resume_dir=tmp_path / "stopped", log=lambda _: None)
+    assert [r["iteration"] for r in resumed] == [0, 1, 2]
+    for key in ("estep/buffer", "mstep/kl", "mstep/loss", "eval/pass_at_1"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-6, abs=1e-9), key
