@@ -251,3 +251,55 @@ def test_a_bf16_model_trains_fp32_master_weights_in_one_process_and_resumes_exac
     for name, value in _masters(run, 2, tmp_path).items():
         torch.testing.assert_close(value, masters[name], rtol=1e-4, atol=1e-5)
 
+
+
+
+def test_the_kl_reference_is_the_starting_model_also_on_resume(tmp_path):
+    """Without a warm model: with a checkpoint to resume from, the weights to start from are the checkpoint's but the
+    KL's reference is still the run's starting model (and is neither found nor loaded when kl_coef is 0)."""
+    from acim_fast.embedded.tiny import create_tiny
+    from acim_fast.train.dist import Ranks
+
+    model = create_tiny(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "iter_0001").mkdir(parents=True)
+    kl = _smoke(run_dir, model, loss=dataclasses.replace(smoke_preset().loss, kl_coef=0.05))
+    last = run_dir / "checkpoints" / "iter_0001"
+    assert run._starting_point(kl, run_dir, Ranks(None), print) == (last, last, model)
+    assert run._starting_point(_smoke(run_dir, model), run_dir, Ranks(None), print) == (last, last, None)
+    reference = run._reference(kl, model, Ranks(None), torch.float32)
+    saved, state = load_file(model / "model.safetensors"), reference.state_dict()
+    assert saved.keys() <= state.keys()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
+    assert run._reference(_smoke(run_dir, model), None, Ranks(None), torch.float32) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_kl_run_resumes_against_its_starting_model(warm_model, tmp_path, monkeypatch):
+    """--loss.kl_coef: the reference is the run's starting model, also after --resume (not the checkpoint it resumes
+    from): a run stopped after iteration 1 and resumed gives the uninterrupted run's metrics, mstep/kl included."""
+    def config(name):
+        return _smoke(tmp_path / name, warm_model, loss=dataclasses.replace(smoke_preset().loss, kl_coef=0.05))
+
+    whole = train(config("whole"), log=lambda _: None)
+    assert all(r["mstep/kl"] > 0 for r in whole[1:])  # the first step's KL is 0 (the policy is the reference)
+    save = run.checkpoint.save
+
+    def save_then_stop(run_dir, iteration, *args, **kwargs):
+        path = save(run_dir, iteration, *args, **kwargs)
+        if iteration == 1:
+            raise _Stop
+        return path
+
+    monkeypatch.setattr(run.checkpoint, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        train(config("stopped"), log=lambda _: None)
+    monkeypatch.setattr(run.checkpoint, "save", save)
+    resumed = train(config("stopped"), resume_dir=tmp_path / "stopped", log=lambda _: None)
+    assert [r["iteration"] for r in resumed] == [0, 1, 2]
+    for key in ("estep/buffer", "mstep/kl", "mstep/loss", "eval/pass_at_1"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-6, abs=1e-9), key
