@@ -34,8 +34,7 @@ from urllib.parse import urlparse
 
 from acim_fast.report import METRICS_FILE
 
-BACKENDS = ("tensorboard", "wandb")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the package it imports (= the pip extra)
+BACKENDS = ("tensorboard", "wandb")  # each the name of the package it imports and of the pip extra installing it
 WANDB_ID_FILE = "wandb_id"
 
 
@@ -55,12 +54,11 @@ def parse_backends(value: object, name: str = "Config.log") -> tuple[str, ...]:
 def require(backends: Sequence[str]) -> None:
     """Import each backend's package; ImportError saying which pip extra installs a missing one."""
     for backend in backends:
-        package = _PACKAGES[backend]
         try:
-            importlib.import_module(package)
+            importlib.import_module(backend)
         except ImportError as e:
-            raise ImportError(f"--log {backend} needs the {package} package: pip install 'acim-fast[{backend}]' "
-                              f"(or pip install {package})") from e
+            raise ImportError(f"--log {backend} needs the {backend} package: pip install 'acim-fast[{backend}]' "
+                              f"(or pip install {backend})") from e
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
